@@ -1,0 +1,95 @@
+"""Train a model family on webdataset shards with Ray Train (DDP over --num-workers).
+
+    python -m jobs.train --shards s3://bucket/shapes --out s3://bucket/runs/gaussian --steps 8000 \
+        --num-workers 4 --use-gpu
+
+Checkpoints land in `--out/step-XXXXXXXX/` (config.json + model.safetensors, loadable by
+`Generator.load`, plus train_state.pt); running the same command again resumes from the newest.
+`--num-workers 0` trains in this process without Ray (debugging, or a machine without a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from socarrat.config import ModelSpec
+from socarrat.errors import UserError
+from socarrat.training import TrainConfig, TrainResult, train
+
+
+def _ray_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    train(
+        TrainConfig.model_validate(config),
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        wrap=ray.train.torch.prepare_model,
+        report=ray.train.report,
+    )
+
+
+def run(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False) -> TrainResult | None:
+    """Train in this process (num_workers=0) or on `num_workers` Ray Train workers."""
+    if num_workers == 0:
+        return train(cfg)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name="socarrat-train", storage_path=str(Path.home() / "ray_results")),
+    )
+    trainer.fit()
+    return None
+
+
+def _model_spec(text: str | None, size_px: int | None) -> ModelSpec:
+    data = {}
+    if text:
+        data = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+        data = data.get("model", data)  # a checkpoint's config.json works too
+    if size_px:
+        data["size_px"] = size_px
+    return ModelSpec.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, help="folder or s3:// prefix of .tar shards")
+    p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints")
+    p.add_argument("--model-spec", default=None, help="ModelSpec as JSON text or a .json file (default: ModelSpec())")
+    p.add_argument("--size-px", type=int, default=None)
+    for name, field in TrainConfig.model_fields.items():
+        if name in ("shards", "out", "model"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            p.add_argument(flag, action="store_true", help=field.description)
+        else:
+            p.add_argument(flag, type=field.annotation, default=field.default, help=field.description)
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = in this process")
+    p.add_argument("--use-gpu", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and k != "model"}
+        cfg = TrainConfig(model=_model_spec(args.model_spec, args.size_px), **fields)
+        run(cfg, args.num_workers, args.use_gpu)
+    except (UserError, ValidationError, json.JSONDecodeError) as err:
+        print(f"jobs.train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

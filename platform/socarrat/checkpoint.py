@@ -1,0 +1,94 @@
+"""Checkpoints: a directory (or s3:// prefix) holding `config.json` + `model.safetensors`.
+
+`config.json` holds the `ModelSpec` and the sha256 of the weights; it is written last, so a
+checkpoint whose config exists is complete. Remote checkpoints are downloaded once into a local
+cache and verified against that sha256 on every load. Bundled checkpoints live in
+`socarrat/assets/<name>/`. Depends on storage, config and models; knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from socarrat import storage
+from socarrat.config import ModelSpec
+from socarrat.errors import NotFoundError, UserError
+from socarrat.models import GaussianModel, build_model
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+DEFAULT_MODEL = "shapes-gaussian"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundled_models() -> dict[str, Path]:
+    """Name -> directory of every checkpoint shipped in `socarrat/assets/`."""
+    root = Path(str(resources.files("socarrat") / "assets"))
+    return {p.parent.name: p.parent for p in sorted(root.glob(f"*/{CONFIG}"))}
+
+
+def save_checkpoint(model: GaussianModel, uri: str, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> str:
+    """Write `model` to a directory or s3:// prefix; returns the weights' sha256."""
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
+    store = storage.open_store(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS
+        save_file(state, str(path))
+        digest = sha256_file(path)
+        store.put_file(WEIGHTS, path)
+    config = {"model": model.spec.model_dump(mode="json"), "sha256": digest, **(extra or {})}
+    store.put_bytes(CONFIG, json.dumps(config, indent=2).encode())
+    return digest
+
+
+def _local_copy(uri: str) -> Path:
+    """A local directory with the checkpoint's two files (downloaded once for s3:// URIs)."""
+    if not storage.is_remote(uri):
+        path = Path(uri.removeprefix("file://"))
+        if not (path / CONFIG).is_file():
+            raise NotFoundError(f"no checkpoint at {uri} (expected {path / CONFIG})")
+        return path
+    store = storage.open_store(uri)
+    config = json.loads(store.get_bytes(CONFIG))
+    cache = Path(os.environ.get("SOCARRAT_CACHE", Path.home() / ".cache" / "socarrat")) / config["sha256"]
+    if not (cache / WEIGHTS).is_file() or sha256_file(cache / WEIGHTS) != config["sha256"]:
+        store.get_file(WEIGHTS, cache / WEIGHTS)
+    (cache / CONFIG).write_text(json.dumps(config))
+    return cache
+
+
+def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device = "cpu") -> tuple[GaussianModel, dict]:
+    """Load a bundled model by name, a local directory or an s3:// prefix.
+
+    Returns the model in eval mode (float32 weights on `device`) and its config dict, whose
+    "sha256" is the model digest. None means the default bundled model.
+    """
+    bundled = bundled_models()
+    name_or_uri = name_or_uri or DEFAULT_MODEL
+    if name_or_uri in bundled:
+        path = bundled[name_or_uri]
+    elif "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri):
+        path = _local_copy(name_or_uri)
+    else:
+        raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled ({', '.join(bundled) or 'none bundled'})")
+    config = json.loads((path / CONFIG).read_text())
+    if sha256_file(path / WEIGHTS) != config.get("sha256"):
+        raise UserError(f"checkpoint {name_or_uri}: {WEIGHTS} does not match the sha256 in {CONFIG} (corrupt or partial copy)")
+    model = build_model(ModelSpec.model_validate(config["model"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS)).items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), config

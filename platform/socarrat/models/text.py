@@ -1,0 +1,123 @@
+"""Text encoders: prompts -> token embeddings + pooled vector + mask.
+
+Two kinds behind one interface (`TextEncoder.forward(prompts) -> TextEncoding`):
+- `builtin`: open_clip's bundled BPE tokenizer (works offline) and a small transformer tower built
+  from a `TextEncoderSpec` and trained together with the denoiser;
+- `hf`: any local Hugging Face text model directory (tokenizer + model), frozen.
+Nothing here downloads weights. Depends on torch, open_clip's tokenizer and (for `hf`) transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from socarrat.config import TextEncoderSpec
+from socarrat.errors import NotFoundError
+
+
+@dataclass
+class TextEncoding:
+    """tokens (B, L, D) float, pooled (B, D) float, mask (B, L) bool (True = real token)."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    mask: torch.Tensor
+
+    def __getitem__(self, index) -> TextEncoding:
+        return TextEncoding(self.tokens[index], self.pooled[index], self.mask[index])
+
+    @staticmethod
+    def cat(parts: Sequence[TextEncoding]) -> TextEncoding:
+        return TextEncoding(*(torch.cat(xs) for xs in zip(*((p.tokens, p.pooled, p.mask) for p in parts))))
+
+
+class TextEncoder(nn.Module):
+    """Base class: `forward(prompts) -> TextEncoding`; `width` is D."""
+
+    width: int
+
+    def forward(self, prompts: Sequence[str]) -> TextEncoding:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class BuiltinTextEncoder(TextEncoder):
+    """A small pre-LN transformer over open_clip's BPE tokens, trained with the model.
+
+    The token table is factorised (vocab x embed_dim, then a linear map to width, as in ALBERT):
+    open_clip's vocabulary has 49,408 entries, and a full-width table would dominate the size of
+    a small bundled checkpoint.
+    """
+
+    def __init__(self, spec: TextEncoderSpec):
+        super().__init__()
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.tokenizer = SimpleTokenizer(context_length=spec.context_length)
+        self.width = spec.width
+        self.token_embedding = nn.Embedding(len(self.tokenizer.encoder), spec.embed_dim)
+        self.token_projection = nn.Linear(spec.embed_dim, spec.width)
+        self.positional_embedding = nn.Parameter(torch.randn(spec.context_length, spec.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            spec.width, spec.heads, 4 * spec.width, dropout=0.0, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(spec.width)
+        self._ids: dict[str, torch.Tensor] = {}  # BPE is slow Python; prompts repeat in training
+
+    def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, context_length) long BPE ids, 0-padded, truncated to the context length."""
+        for p in prompts:
+            if p not in self._ids:
+                self._ids[p] = self.tokenizer([p])[0]
+        return torch.stack([self._ids[p] for p in prompts])
+
+    def forward(self, prompts: Sequence[str]) -> TextEncoding:
+        device = self.positional_embedding.device
+        ids = self.token_ids(prompts).to(device)
+        mask = ids != 0
+        x = self.token_projection(self.token_embedding(ids)) + self.positional_embedding
+        x = self.final_norm(self.transformer(x, src_key_padding_mask=~mask))
+        # Pool at the end-of-text token, as CLIP does: the last real token sees the whole prompt.
+        eot = mask.sum(1) - 1
+        pooled = x[torch.arange(len(ids), device=device), eot]
+        return TextEncoding(x, pooled, mask)
+
+
+class HFTextEncoder(TextEncoder):
+    """A frozen local Hugging Face text model (e.g. a CLIPTextModel directory)."""
+
+    def __init__(self, spec: TextEncoderSpec):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(spec.path or "")
+        if not path.is_dir():
+            raise NotFoundError(f"text encoder directory not found: {path}")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).requires_grad_(False)
+        self.width = self.model.config.hidden_size
+        self.context_length = min(spec.context_length, self.tokenizer.model_max_length)
+
+    def forward(self, prompts: Sequence[str]) -> TextEncoding:
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True,
+            max_length=self.context_length, return_tensors="pt",
+        ).to(device)
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        mask = batch.attention_mask.bool()
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return TextEncoding(out.last_hidden_state, pooled, mask)
+
+
+def build_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
+    """The encoder a `TextEncoderSpec` describes (random init for `builtin`)."""
+    return BuiltinTextEncoder(spec) if spec.kind == "builtin" else HFTextEncoder(spec)

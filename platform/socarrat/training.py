@@ -1,0 +1,203 @@
+"""Training pieces shared by `jobs/train.py` and the tests: data, objective, EMA, checkpoints.
+
+The objective is a module (`forward(images, captions) -> loss`) so that DDP sees one forward that
+covers the text encoder and the denoiser. Knows nothing of Ray: the job wraps `train` in a Ray
+Train worker loop and passes the rank, the world size and a `wrap` for DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from socarrat import storage
+from socarrat.checkpoint import CONFIG, save_checkpoint
+from socarrat.config import ModelSpec
+from socarrat.errors import UserError
+from socarrat.models import GaussianModel, build_model
+from socarrat.sampling.schedules import alphas_cumprod
+from socarrat.shards import list_shards, read_shard
+
+STATE = "train_state.pt"
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; CLI flags mirror these names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: str = Field(description="URI of a folder/prefix of webdataset .tar shards (png + txt)")
+    out: str = Field(description="URI where step-XXXXXXXX checkpoints are written")
+    model: ModelSpec = ModelSpec()
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    uncond_prob: float = Field(0.1, ge=0, le=1, description="caption dropped (for CFG)")
+    min_snr_gamma: float = Field(5.0, gt=0, description="Min-SNR loss weighting (Hang et al. 2023)")
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+    compile: bool = False
+
+
+class GaussianObjective(nn.Module):
+    """Denoising loss: noise images at a uniform random timestep, predict eps or v, Min-SNR weights."""
+
+    def __init__(self, model: GaussianModel, uncond_prob: float, min_snr_gamma: float):
+        super().__init__()
+        self.model, self.uncond_prob, self.gamma = model, uncond_prob, min_snr_gamma
+        spec = model.spec
+        self.register_buffer("alpha_bar", alphas_cumprod(spec.schedule, spec.train_timesteps).float(), persistent=False)
+
+    def forward(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """x0 (B, C, H, W) in [-1, 1]; returns the scalar loss."""
+        b = len(x0)
+        captions = ["" if r < self.uncond_prob else c for r, c in zip(torch.rand(b).tolist(), captions)]
+        t = torch.randint(0, len(self.alpha_bar), (b,), device=x0.device)
+        a = self.alpha_bar[t][:, None, None, None]
+        eps = torch.randn_like(x0)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        out = self.model(xt, t, self.model.encode(captions))
+        snr = a / (1 - a)
+        if self.model.spec.prediction == "v":
+            target, weight = a.sqrt() * eps - (1 - a).sqrt() * x0, snr.clamp(max=self.gamma) / (snr + 1)
+        else:
+            target, weight = eps, snr.clamp(max=self.gamma) / snr
+        return (weight * (out.float() - target) ** 2).mean()
+
+
+@dataclass
+class Examples:
+    """Decoded training data held in memory: images (N, C, H, W) uint8 and their captions."""
+
+    images: torch.Tensor
+    captions: list[str]
+    corrupt: int = 0
+
+    def batch(self, rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+        idx = rng.integers(0, len(self.captions), size)
+        x = self.images[torch.from_numpy(idx)].to(device).float() / 127.5 - 1
+        return x, [self.captions[i] for i in idx]
+
+
+def load_examples(uri: str, size_px: int) -> Examples:
+    """Read every shard under `uri` (png + txt per sample), resized to size_px; corrupt samples are
+    skipped and counted. The shapes dataset is tens of MB, so it is decoded once into memory."""
+    images, captions, stats = [], [], {"corrupt": 0}
+    for shard in tqdm(list_shards(uri), desc="reading shards"):
+        for key, members in read_shard(shard, stats):
+            try:
+                img = Image.open(io.BytesIO(members["png"])).convert("RGB")
+                caption = members["txt"].decode()
+            except Exception:  # a bad member of a good shard: skip it, count it
+                stats["corrupt"] += 1
+                continue
+            if img.size != (size_px, size_px):
+                img = img.resize((size_px, size_px), Image.BILINEAR)
+            images.append(np.asarray(img))
+            captions.append(caption)
+    if not images:
+        raise UserError(f"no readable samples in the shards under {uri}")
+    return Examples(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions, stats["corrupt"])
+
+
+def latest_checkpoint(out: str) -> tuple[int, str] | None:
+    """(step, URI) of the newest complete checkpoint under `out`: one whose config.json exists."""
+    steps = [int(m.group(1)) for k in storage.open_store(out).list() if (m := re.fullmatch(rf"step-(\d+)/{CONFIG}", k))]
+    return (max(steps), storage.join(out, f"step-{max(steps):08d}")) if steps else None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    checkpoint: str | None = None
+    images_per_s: float = 0.0
+
+
+def train(
+    cfg: TrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    report: Callable[[dict], None] = lambda metrics: None,
+) -> TrainResult:
+    """Train `cfg.model` on `cfg.shards`, resuming from the newest checkpoint under `cfg.out`.
+
+    Rank 0 writes a checkpoint every `checkpoint_every` steps and at the end: the EMA weights (fp16,
+    loadable by `Generator`) plus `train_state.pt` (raw weights, EMA, optimiser, step).
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    start = 0
+    if found := latest_checkpoint(cfg.out):
+        start, uri = found
+        saved = json.loads(storage.read_bytes(storage.join(uri, CONFIG)))["model"]
+        if ModelSpec.model_validate(saved) != cfg.model:
+            raise UserError(f"cannot resume from {uri}: its model spec differs from the requested one")
+        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+    objective = wrap(GaussianObjective(model, cfg.uncond_prob, cfg.min_snr_gamma).to(device))
+    if cfg.compile:
+        objective = torch.compile(objective)
+    data = load_examples(cfg.shards, cfg.model.size_px)
+    rng = np.random.default_rng([cfg.seed, rank, start])
+    result = TrainResult(start)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=rank != 0)
+    t0, seen = time.perf_counter(), 0
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        x0, captions = data.batch(rng, cfg.batch_size, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = objective(x0, captions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        result.losses.append(loss.item())
+        seen += cfg.batch_size * world_size
+        result.step = step + 1
+        if result.step % cfg.log_every == 0 or result.step == cfg.steps:
+            result.images_per_s = seen / (time.perf_counter() - t0)
+            recent = float(np.mean(result.losses[-cfg.log_every:]))
+            bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{result.images_per_s:.0f}")
+            report({"step": result.step, "loss": recent, "images_per_s": result.images_per_s})
+        if rank == 0 and (result.step % cfg.checkpoint_every == 0 or result.step == cfg.steps):
+            result.checkpoint = save_training_checkpoint(cfg, model, ema, opt, result.step, data.corrupt, result.images_per_s)
+    return result
+
+
+def save_training_checkpoint(cfg: TrainConfig, model: nn.Module, ema: GaussianModel, opt: torch.optim.Optimizer, step: int, corrupt: int, images_per_s: float) -> str:
+    """Write `out/step-XXXXXXXX/`: train_state.pt first, then the EMA model (config.json last)."""
+    uri = storage.join(cfg.out, f"step-{step:08d}")
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}, buf)
+    storage.open_store(uri).put_bytes(STATE, buf.getvalue())
+    train_info = {"step": step, "corrupt_samples": corrupt, "images_per_s": round(images_per_s, 1), "config": cfg.model_dump(mode="json", exclude={"model"})}
+    save_checkpoint(ema, uri, extra={"training": train_info})
+    return uri

@@ -1,0 +1,48 @@
+"""Checkpoints round-trip on disk and through the S3 API server, and refuse corrupt copies."""
+
+import numpy as np
+import pytest
+
+from socarrat import storage
+from socarrat.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from socarrat.config import SamplerSpec
+from socarrat.errors import NotFoundError, UserError
+from socarrat.generator import Generator
+
+
+def test_round_trip_gives_the_same_images(store_uri, tiny_model, tiny_generator, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOCARRAT_CACHE", str(tmp_path / "cache"))
+    digest = save_checkpoint(tiny_model, store_uri)
+    loaded = Generator.load(store_uri, device="cpu")
+    assert loaded.digest == digest and loaded.spec == tiny_model.spec
+    spec = SamplerSpec(steps=4)
+    a = np.asarray(loaded.generate(["a red circle"], [3], spec)[0].image).astype(int)
+    b = np.asarray(tiny_generator.generate(["a red circle"], [3], spec)[0].image).astype(int)
+    assert np.abs(a - b).max() <= 2  # weights are stored in fp16
+
+
+def test_remote_checkpoint_is_cached_and_verified(s3_bucket, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOCARRAT_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3_bucket}/ckpt"
+    digest = save_checkpoint(tiny_model, uri)
+    load_checkpoint(uri)
+    cached = tmp_path / "cache" / digest / WEIGHTS
+    assert cached.is_file()
+    cached.write_bytes(b"garbage")  # a damaged cache is replaced by a fresh download
+    load_checkpoint(uri)
+    assert cached.read_bytes() != b"garbage"
+
+
+def test_corrupt_weights_are_refused(tmp_path, tiny_model):
+    save_checkpoint(tiny_model, str(tmp_path))
+    (tmp_path / WEIGHTS).write_bytes((tmp_path / WEIGHTS).read_bytes()[:-10])
+    with pytest.raises(UserError, match="sha256"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_missing_checkpoints_name_the_path(tmp_path, s3_bucket):
+    with pytest.raises(NotFoundError, match="nowhere"):
+        load_checkpoint(str(tmp_path / "nowhere"))
+    with pytest.raises(NotFoundError, match="missing/config.json"):
+        load_checkpoint(f"{s3_bucket}/missing")
+    storage.write_bytes(f"{s3_bucket}/x", b"")  # the bucket exists; the key does not

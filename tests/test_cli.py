@@ -1,0 +1,52 @@
+"""The `socarrat` command line: a PNG with metadata, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from socarrat.checkpoint import save_checkpoint
+from socarrat.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_model):
+    path = tmp_path_factory.mktemp("model")
+    save_checkpoint(tiny_model, str(path))
+    return str(path)
+
+
+def test_generate_writes_png_with_parameters(tmp_path, model_dir):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--prompt", "a red circle", "--seed", "4", "--steps", "3", "--sampler", "ddpm",
+                 "--model", model_dir, "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert img.size == (32, 32)
+    assert img.text["parameters"].startswith("a red circle\nNegative prompt: \nSteps: 3, Sampler: DDPM")
+    meta = json.loads(img.text["socarrat"])
+    assert meta["seed"] == 4 and meta["spec"]["sampler"] == "ddpm"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", ""], "prompts must not be empty"),
+    (["--steps", "0"], "steps"),
+    (["--guidance", "-1"], "guidance"),
+    (["--sampler", "euler"], "sampler"),
+    (["--height-px", "15"], "multiples of 2"),
+    (["--model", "/no/such/dir"], "/no/such/dir"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, flags, message):
+    args = ["generate", "--prompt", "a red circle", "--model", model_dir, "--out", str(tmp_path / "x.png"), *flags]
+    if "--model" in flags:
+        args = args[:3] + args[5:]  # the flag's own --model replaces the fixture's
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "socarrat.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout

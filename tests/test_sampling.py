@@ -1,0 +1,78 @@
+"""Solvers and the sequential loop: exactness on an oracle, CFG identities, noise independence."""
+
+import pytest
+import torch
+
+from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
+from socarrat.sampling.schedules import Schedule
+
+SHAPE = (3, 8, 8)
+
+
+def oracle(x0: torch.Tensor, schedule_kind: str, prediction: str):
+    """A denoiser that knows the clean image x0 and answers exactly in the requested parameterisation."""
+    from socarrat.sampling.schedules import alphas_cumprod
+
+    ac = alphas_cumprod(schedule_kind, 1000).float()
+
+    def denoise(x, t, cond):
+        a = ac[t][:, None, None, None]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    return denoise
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_solvers_land_on_the_clean_image_with_an_oracle(sampler, prediction, spacing):
+    x0 = torch.rand(2, *SHAPE) * 2 - 1
+    schedule = Schedule.create("cosine", 1000, spacing, 7)
+    x, noises = draw_noise([1, 2], SHAPE, 7, sampler == "ddpm")
+    step = make_step(sampler, schedule, prediction)
+    out = sample(oracle(x0, "cosine", prediction), x, schedule, step, noises, cond=None)
+    torch.testing.assert_close(out, x0, atol=2e-4, rtol=0)
+
+
+def test_ddpm_depends_on_its_noise_and_ddim_ignores_it():
+    schedule = Schedule.create("linear", 1000, "trailing", 5)
+    x0 = torch.zeros(1, *SHAPE)
+    x, noises = draw_noise([3], SHAPE, 5, stochastic=True)
+    # A denoiser that is wrong about x0 leaves the DDPM noise visible in intermediate states.
+    wrong = lambda x, t, c: torch.ones_like(x)
+    a = make_step("ddpm", schedule, "eps")(x, wrong(x, None, None), 0, noises[0])
+    b = make_step("ddpm", schedule, "eps")(x, wrong(x, None, None), 0, noises[0] + 1)
+    assert not torch.allclose(a, b)
+    ddim = make_step("ddim", schedule, "eps")
+    assert torch.equal(ddim(x, wrong(x, None, None), 0, noises[0]), ddim(x, wrong(x, None, None), 0, None))
+
+
+def test_noise_is_per_sample():
+    alone, alone_noise = draw_noise([7], SHAPE, 4, True)
+    batch, batch_noise = draw_noise([1, 7, 9], SHAPE, 4, True)
+    assert torch.equal(alone[0], batch[1]) and torch.equal(alone_noise[:, 0], batch_noise[:, 1])
+    assert not torch.equal(batch[0], batch[2])
+
+
+class Cond(list):
+    @staticmethod
+    def cat(parts):
+        return Cond(sum(parts, []))
+
+
+def test_cfg_identities():
+    model = lambda x, t, cond: x * torch.tensor(cond, dtype=x.dtype)[:, None, None, None]
+    x, t = torch.ones(2, *SHAPE), torch.zeros(2, dtype=torch.long)
+    pos, neg = Cond([2.0, 3.0]), Cond([1.0, 1.0])
+    assert torch.equal(cfg_denoiser(model, 1.0)(x, t, (pos, neg)), model(x, t, pos))
+    assert torch.equal(cfg_denoiser(model, 0.0)(x, t, (pos, neg)), model(x, t, neg))
+    # guidance g: neg + g * (pos - neg)
+    assert torch.allclose(cfg_denoiser(model, 4.0)(x, t, (pos, neg))[:, 0, 0, 0], torch.tensor([5.0, 9.0]))
+
+
+def test_unknown_sampler_is_a_user_error():
+    from socarrat.errors import UserError
+
+    with pytest.raises(UserError, match="sampler"):
+        make_step("euler", Schedule.create("linear", 1000, "trailing", 3), "eps")

@@ -1,0 +1,175 @@
+"""Behaviour of socarrat.storage; every test taking `store_uri` runs on both backends, so S3 == local."""
+
+import os
+import re
+from pathlib import Path
+
+import boto3
+import pytest
+
+from socarrat.errors import NotFoundError, UserError
+from socarrat.storage import S3Store, Store, is_remote, join, open_store, read_bytes, write_bytes
+
+MIB = 1024 * 1024
+PART_SIZE_BYTES = 5 * MIB  # S3's smallest allowed part (except the last)
+
+
+def _small_parts(uri: str) -> Store:
+    """The store at `uri`, uploading in 5 MiB parts on S3 so a test file of ~11 MiB goes multipart."""
+    store = open_store(uri)
+    if isinstance(store, S3Store):
+        return S3Store(store.bucket, store.prefix, part_size_bytes=PART_SIZE_BYTES)
+    return store
+
+
+def test_put_get_round_trip(store_uri: str) -> None:
+    store = open_store(store_uri)
+    data = os.urandom(1000)
+    assert store.put_bytes("a/b/c.bin", data) is True
+    assert store.get_bytes("a/b/c.bin") == data
+    store.put_bytes("a/b/c.bin", b"replaced")
+    assert store.get_bytes("a/b/c.bin") == b"replaced"
+
+
+def test_exists_before_and_after(store_uri: str) -> None:
+    store = open_store(store_uri)
+    assert not store.exists("x/y")
+    store.put_bytes("x/y", b"")
+    assert store.exists("x/y")
+    assert not store.exists("x"), "a folder of keys is not itself a key"
+
+
+def test_list_is_recursive_relative_sorted_and_honours_prefix(store_uri: str) -> None:
+    store = open_store(store_uri)
+    keys = ["b.txt", "a/2", "a/1", "ab", "a/c/d"]
+    for key in keys:
+        store.put_bytes(key, key.encode())
+    open_store(store_uri + "-sibling").put_bytes("outside", b"")
+
+    assert store.list() == sorted(keys)
+    assert store.list("a/") == ["a/1", "a/2", "a/c/d"]
+    assert store.list("a") == ["a/1", "a/2", "a/c/d", "ab"]
+    assert store.list("a/c/") == ["a/c/d"]
+    assert store.list("zzz") == []
+
+
+def test_delete_removes_and_tolerates_missing(store_uri: str) -> None:
+    store = open_store(store_uri)
+    store.put_bytes("gone", b"1")
+    store.put_bytes("kept", b"2")
+    store.delete("gone")
+    assert not store.exists("gone")
+    assert store.list() == ["kept"]
+    store.delete("gone")
+    store.delete("never/there")
+
+
+def test_if_absent_first_writer_wins(store_uri: str) -> None:
+    store = open_store(store_uri)
+    assert store.put_bytes("k", b"first", if_absent=True) is True
+    assert store.put_bytes("k", b"second", if_absent=True) is False
+    assert store.get_bytes("k") == b"first"
+    assert store.list() == ["k"]
+
+
+@pytest.mark.parametrize("size_bytes", [0, 1000, 11 * MIB], ids=["empty", "small", "multipart"])
+def test_put_file_get_file_round_trip(store_uri: str, tmp_path: Path, size_bytes: int) -> None:
+    store = _small_parts(store_uri)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(size_bytes))
+    assert store.put_file("files/f.bin", src) is True
+
+    dest = tmp_path / "deep" / "er" / "dest.bin"
+    store.get_file("files/f.bin", dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert store.get_bytes("files/f.bin") == src.read_bytes()
+    if isinstance(store, S3Store) and size_bytes > PART_SIZE_BYTES:
+        head = boto3.session.Session().client("s3").head_object(Bucket=store.bucket, Key="prefix/files/f.bin")
+        assert head["ETag"].endswith('-3"'), "S3 gives multipart objects an ETag ending in -<parts>"
+    assert os.listdir(dest.parent) == ["dest.bin"], "no temp file is left beside the download"
+
+
+@pytest.mark.parametrize("size_bytes", [1000, 11 * MIB], ids=["small", "multipart"])
+def test_put_file_if_absent_first_writer_wins(store_uri: str, tmp_path: Path, size_bytes: int) -> None:
+    store = _small_parts(store_uri)
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(os.urandom(size_bytes))
+    second.write_bytes(os.urandom(size_bytes))
+
+    assert store.put_file("f.bin", first, if_absent=True) is True
+    assert store.put_file("f.bin", second, if_absent=True) is False
+    assert store.get_bytes("f.bin") == first.read_bytes()
+    if isinstance(store, S3Store):
+        client = boto3.session.Session().client("s3")
+        uploads = client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+        assert uploads == [], "the refused multipart upload was aborted, leaving no parts behind"
+
+
+def test_missing_key_names_its_uri(store_uri: str, tmp_path: Path) -> None:
+    store = open_store(store_uri)
+    store.put_bytes("dir/inside", b"")
+    for key in ["missing", "dir/missing", "dir"]:
+        with pytest.raises(NotFoundError, match=re.escape(store.url(key))):
+            store.get_bytes(key)
+        with pytest.raises(NotFoundError, match=re.escape(store.url(key))):
+            store.get_file(key, tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_missing_bucket_names_the_bucket(s3_server: str, tmp_path: Path) -> None:
+    store = open_store("s3://no-such-bucket-socarrat/prefix")
+    for action in [
+        lambda: store.get_bytes("k"),
+        lambda: store.put_bytes("k", b""),
+        lambda: store.list(),
+        lambda: store.delete("k"),
+    ]:
+        with pytest.raises(NotFoundError, match="no-such-bucket-socarrat"):
+            action()
+
+
+def test_read_write_bytes_agree_with_store(store_uri: str) -> None:
+    uri = join(store_uri, "dir/", "f.bin")
+    write_bytes(uri, b"hello")
+    assert read_bytes(uri) == b"hello"
+    assert open_store(store_uri).get_bytes("dir/f.bin") == b"hello"
+    assert open_store(store_uri).url("dir/f.bin").endswith("/dir/f.bin")
+    assert read_bytes(open_store(store_uri).url("dir/f.bin")) == b"hello"
+    with pytest.raises(NotFoundError, match="nothing.bin"):
+        read_bytes(join(store_uri, "nothing.bin"))
+
+
+def test_uri_forms(store_uri: str, tmp_path: Path) -> None:
+    store = open_store(store_uri + "/")
+    assert not store.uri.endswith("/")
+    assert is_remote(store.uri) == store_uri.startswith("s3://")
+    assert open_store(store.uri).uri == store.uri, "a store's URI opens the same store"
+    assert open_store(f"file://{tmp_path}").uri == open_store(str(tmp_path)).uri
+    with pytest.raises(UserError, match="gs://"):
+        open_store("gs://bucket/prefix")
+
+
+@pytest.mark.parametrize("key", ["../escape", "a/../../escape", "/abs", "a//b", "", ".tmp-x"])
+def test_bad_keys_are_rejected(store_uri: str, key: str) -> None:
+    store = open_store(store_uri)
+    with pytest.raises(UserError, match="not allowed"):
+        store.put_bytes(key, b"x")
+    with pytest.raises(UserError, match="not allowed"):
+        store.get_bytes(key)
+    assert store.list() == []
+    with pytest.raises(UserError):
+        store.list("../")
+
+
+def test_local_list_skips_temp_files(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    store.put_bytes("a/real", b"")
+    (tmp_path / "a" / ".tmp-partial").write_bytes(b"half a file")
+    assert store.list() == ["a/real"]
+
+
+def test_unwritable_local_folder_names_the_uri(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    store = open_store(str(tmp_path / "a-file" / "store"))
+    with pytest.raises(UserError, match=re.escape(store.url("k"))):
+        store.put_bytes("k", b"x")
