@@ -1,0 +1,70 @@
+"""Model parts: UNet shapes at several sizes, parameter counts, and a local Hugging Face text encoder."""
+
+import json
+
+import pytest
+import torch
+
+from socarrat.config import ModelSpec, TextEncoderSpec
+from socarrat.models import build_model
+from socarrat.models.text import build_text_encoder
+
+SMALL = dict(channels=(8, 16, 16), attention_levels=(2,), heads=2, text={"width": 16, "embed_dim": 8, "layers": 1, "heads": 2})
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("hw", [(8, 8), (16, 24), (40, 8)])
+def test_unet_keeps_the_input_shape_at_any_multiple_of_its_downsampling(prediction, hw):
+    model = build_model(ModelSpec(prediction=prediction, in_channels=4, size_px=8, **SMALL))
+    x = torch.randn(2, 4, *hw)
+    text = model.encode(["a red circle", ""])
+    assert model(x, torch.tensor([0, 999]), text).shape == x.shape
+    assert model.spec.downsampling == 4 and model.parameter_count() == sum(p.numel() for p in model.parameters())
+
+
+def test_spec_rejects_sizes_and_levels_it_cannot_build():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ModelSpec(size_px=18, **SMALL)
+    with pytest.raises(ValueError, match="attention_levels"):
+        ModelSpec(**{**SMALL, "attention_levels": (3,)})
+
+
+def test_builtin_encoder_pools_the_end_token_and_masks_padding():
+    enc = build_text_encoder(TextEncoderSpec(width=16, embed_dim=8, layers=1, heads=2, context_length=8))
+    out = enc(["a red circle", "a red circle on the left of a very long caption that is cut"])
+    assert out.tokens.shape == (2, 8, 16) and out.pooled.shape == (2, 16)
+    assert out.mask[0].tolist() == [True] * 5 + [False] * 3 and out.mask[1].all()
+    torch.testing.assert_close(out.pooled[0], out.tokens[0, 4])
+
+
+@pytest.fixture
+def hf_clip_dir(tmp_path):
+    """A tiny random CLIP text model + a character-level CLIP tokenizer, saved like a real one."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 26 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 52, "<|endoftext|>": 53}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")).save_pretrained(tmp_path)
+    config = CLIPTextConfig(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=32, bos_token_id=52, eos_token_id=53)
+    CLIPTextModel(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_local_hf_text_encoder_feeds_the_unet(hf_clip_dir):
+    spec = ModelSpec(**{**SMALL, "text": {"kind": "hf", "path": str(hf_clip_dir), "context_length": 12}})
+    model = build_model(spec)
+    text = model.encode(["red circle", "blue"])
+    assert text.tokens.shape == (2, 12, 16) and text.mask[1].sum() == 6  # bos + 4 letters + eos
+    assert not torch.equal(text.pooled[0], text.pooled[1])
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), text).shape == (2, 3, 8, 8)
+
+
+def test_missing_hf_directory_is_named(tmp_path):
+    from socarrat.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="nope"):
+        build_text_encoder(TextEncoderSpec(kind="hf", path=str(tmp_path / "nope")))

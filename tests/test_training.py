@@ -1,0 +1,115 @@
+"""Training: shapes shards through storage, a tiny run whose loss falls, resume, Ray Train, evaluation."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from jobs.evaluate import evaluate, write_report
+from jobs.train import run
+from socarrat import storage
+from socarrat.cli import main as cli
+from socarrat.config import SamplerSpec
+from socarrat.errors import NotFoundError, UserError
+from socarrat.generator import TINY_SPEC, Generator
+from socarrat.shards import list_shards, read_shard
+from socarrat.models import build_model
+from socarrat.training import GaussianObjective, TrainConfig, load_examples, train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    assert cli(["shapes-shards", "--out", str(out), "--count", "300", "--shard-size", "100", "--size-px", "32"]) == 0
+    return str(out)
+
+
+def config(shards, out, **kw):
+    base = dict(shards=shards, out=out, model=TINY_SPEC, steps=40, batch_size=16, lr=3e-3, warmup_steps=5,
+                checkpoint_every=20, log_every=10)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_shards_round_trip_through_s3(shards, s3_bucket):
+    assert cli(["shapes-shards", "--out", f"{s3_bucket}/shapes", "--count", "300", "--shard-size", "100", "--size-px", "32"]) == 0
+    local, remote = list_shards(shards), list_shards(f"{s3_bucket}/shapes")
+    assert len(local) == len(remote) == 3
+    for a, b in zip(local, remote):
+        assert list(read_shard(a)) == list(read_shard(b))
+    key, members = next(read_shard(local[0]))
+    assert "." not in key and set(members) == {"png", "txt", "json"}
+    assert json.loads(members["json"])["caption"] == members["txt"].decode()
+
+
+def fixed_loss(model, shards) -> float:
+    """The objective on one fixed batch, timesteps and noise, so two models compare exactly."""
+    data = load_examples(shards, 32)
+    x0 = data.images[:64].float() / 127.5 - 1
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return GaussianObjective(model, 0.0, 5.0)(x0, data.captions[:64]).item()
+
+
+def test_tiny_run_learns_and_its_checkpoint_generates(shards, tmp_path):
+    torch.manual_seed(0)
+    before = fixed_loss(build_model(TINY_SPEC), shards)
+    result = train(config(shards, str(tmp_path / "run")))
+    assert result.checkpoint.endswith("step-00000040")
+    gen = Generator.load(result.checkpoint, device="cpu")
+    after = fixed_loss(gen.model, shards)
+    assert after < 0.85 * before, (before, after)
+    [image] = gen.generate(["a red circle"], [0], SamplerSpec(steps=3))
+    assert image.image.size == (32, 32)
+    info = json.loads(storage.read_bytes(storage.join(result.checkpoint, "config.json")))["training"]
+    assert info["step"] == 40 and info["corrupt_samples"] == 0
+
+
+def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
+    out = str(tmp_path / "run")
+    train(config(shards, out, steps=20, checkpoint_every=10))
+    saved = torch.load(io.BytesIO(storage.read_bytes(f"{out}/step-00000020/train_state.pt")))
+    resumed = train(config(shards, out, steps=30, checkpoint_every=10))
+    assert resumed.step == 30 and len(resumed.losses) == 10
+    assert saved["step"] == 20 and storage.open_store(out).exists("step-00000030/config.json")
+    with pytest.raises(UserError, match="spec differs"):
+        train(config(shards, out, steps=40, model=TINY_SPEC.model_copy(update={"prediction": "eps"})))
+
+
+def test_missing_shards_and_corrupt_samples(tmp_path, shards):
+    with pytest.raises(NotFoundError, match="no .tar shards"):
+        load_examples(str(tmp_path / "empty"), 32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(bad / "a.tar", "w") as tar:
+        for name, data in (("k1.png", b"not a png"), ("k1.txt", b"a red circle")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (bad / "b.tar").write_bytes((tmp_path / "x").write_bytes(b"") or b"truncated garbage")
+    good = list_shards(shards)[0]
+    storage.open_store(str(bad)).put_bytes("c.tar", storage.read_bytes(good))
+    examples = load_examples(str(bad), 32)
+    assert len(examples.captions) == 100 and examples.corrupt == 2
+
+
+def test_ray_train_job_with_two_ddp_workers(shards, tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        run(config(shards, str(tmp_path / "ray"), steps=6, checkpoint_every=6, log_every=3), num_workers=2)
+    finally:
+        ray.shutdown()
+    gen = Generator.load(str(tmp_path / "ray" / "step-00000006"), device="cpu")
+    assert gen.model.parameter_count() > 0
+
+
+def test_evaluate_end_to_end(tiny_generator, store_uri):
+    report = evaluate(tiny_generator, SamplerSpec(steps=2), num_prompts=10, num_seeds=2, batch_size=8, sheet_size=6, progress=False)
+    assert report["summary"]["images"] == 20 and set(report["summary"]["scores"]) >= {"position", "counting", "overall"}
+    write_report(report, store_uri)
+    store = storage.open_store(store_uri)
+    assert sorted(store.list()) == ["contact_sheet.png", "images.jsonl", "scores.json"]
+    assert len(store.get_bytes("images.jsonl").splitlines()) == 20
