@@ -3,7 +3,17 @@
 A shard is written to a local temporary file and uploaded whole when complete, so a reader never
 sees a partial tar. Each sample's members (`{key}.png`, `{key}.txt`, `{key}.json`, ...) are written
 next to each other, which webdataset readers require. Keys contain no dot (readers split the
-member name at the first dot). Depends on storage only.
+member name at the first dot).
+
+A *manifested* dataset adds one parquet manifest part per shard, which marks the shard complete:
+
+    shards/{name}.tar          the samples, published first
+    manifest/{name}.parquet    one row per sample (at least a `key` column), published last
+
+A shard whose manifest part is missing is incomplete: its tar may be from a writer that died
+between the two uploads, so readers of a manifested dataset go by the manifest, and
+`remove_incomplete` deletes such tars before their samples are written again. Both uploads are
+first-writer-wins (`if_absent`), so a published object never changes. Depends on storage and pyarrow.
 """
 
 from __future__ import annotations
@@ -11,13 +21,19 @@ from __future__ import annotations
 import io
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from socarrat import storage
 from socarrat.errors import NotFoundError, UserError
 
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: bytes})
+SHARD_DIR, MANIFEST_DIR = "shards", "manifest"
+_READERS = 16  # manifest parts fetched at once: S3 GETs are latency-bound
 
 
 def write_shard(store: storage.Store, name: str, samples: Iterable[Sample], if_absent: bool = False) -> bool:
@@ -82,3 +98,45 @@ def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample
         stats["corrupt"] = stats.get("corrupt", 0) + 1
     if current:
         yield current
+
+
+def publish_shard(store: storage.Store, name: str, samples: Iterable[Sample], manifest: pa.Table) -> bool:
+    """Publish shard `name` of a manifested dataset: its tar, then its manifest part.
+
+    Returns False when the manifest part was already there (another attempt completed the shard
+    first); a tar already there is kept as it is, since only an attempt at the same shard writes it."""
+    write_shard(store, f"{SHARD_DIR}/{name}.tar", samples, if_absent=True)
+    buf = io.BytesIO()
+    pq.write_table(manifest, buf)
+    return store.put_bytes(f"{MANIFEST_DIR}/{name}.parquet", buf.getvalue(), if_absent=True)
+
+
+def complete_shards(store: storage.Store) -> list[str]:
+    """Names of the shards whose manifest part is published, sorted."""
+    return [k.removeprefix(f"{MANIFEST_DIR}/").removesuffix(".parquet")
+            for k in store.list(f"{MANIFEST_DIR}/") if k.endswith(".parquet")]
+
+
+def remove_incomplete(store: storage.Store) -> list[str]:
+    """Delete the tars that have no manifest part; returns their names. Only safe while no other
+    writer is publishing into `store`: its tar in flight would look incomplete too."""
+    done = set(complete_shards(store))
+    names = [k.removeprefix(f"{SHARD_DIR}/").removesuffix(".tar")
+             for k in store.list(f"{SHARD_DIR}/") if k.endswith(".tar")]
+    orphans = [n for n in names if n not in done]
+    for name in orphans:
+        store.delete(f"{SHARD_DIR}/{name}.tar")
+    return orphans
+
+
+def read_manifest(store: storage.Store, columns: list[str] | None = None) -> pa.Table | None:
+    """The manifest rows of every complete shard (None when there is none yet)."""
+    def part(name: str) -> pa.Table:
+        data = store.get_bytes(f"{MANIFEST_DIR}/{name}.parquet")
+        return pq.read_table(io.BytesIO(data), columns=columns)
+
+    names = complete_shards(store)
+    if not names:
+        return None
+    with ThreadPoolExecutor(_READERS) as pool:
+        return pa.concat_tables(pool.map(part, names), promote_options="permissive")

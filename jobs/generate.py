@@ -1,0 +1,224 @@
+"""Mass generation on Ray Data: prompt files -> images in webdataset shards + a parquet manifest.
+
+    python -m jobs.generate --prompts examples/prompts.txt --out out/run1
+    ray job submit --working-dir . -- python -m jobs.generate --prompts s3://b/prompts.parquet --out s3://b/run1
+
+Prompt files are .jsonl, .csv, .txt (one prompt a line) or .parquet, local or s3://, one file, a
+folder or prefix, or a glob. Columns: `prompt`, and optionally `id`, `seed`, `negative_prompt`,
+`steps`, `guidance`; others are ignored. A bad row goes to failures.jsonl with its reason and the
+job goes on; a file that cannot be parsed stops it (exit 2).
+
+The pipeline: `ray.data.read_*` -> check rows (`socarrat.massgen.check_rows`) -> plan in the driver
+(drop done keys, cut shards; the driver holds one small record per image, not the images) -> an
+autoscaling pool of model-holding actors, one shard per call -> publish the shard. Run the same
+command again to resume: the output layout and the exactly-once protocol are in `socarrat.massgen`.
+
+Two environment variables inject faults for the tests: SOCARRAT_FAULT_ACTOR_EXIT_ONCE=<path> makes
+the first actor to create <path> exit mid-shard (rendered, not published); and
+SOCARRAT_FAULT_DRIVER_EXIT_AFTER_SHARDS=<n> makes the driver make the first n planned shards only,
+then exit hard, as if killed there (no summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from socarrat import massgen, shards, storage
+from socarrat.cli import _one_line, add_sampler_flags, sampler_spec
+from socarrat.config import SamplerSpec
+from socarrat.errors import UserError
+from socarrat.generator import Generator
+
+_ACTOR_EXIT_ONCE = "SOCARRAT_FAULT_ACTOR_EXIT_ONCE"
+_DRIVER_EXIT_AFTER = "SOCARRAT_FAULT_DRIVER_EXIT_AFTER_SHARDS"
+
+
+class GenerateJob(BaseModel):
+    """A mass-generation run; the CLI flags mirror these fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts: str = Field(description="prompt file, folder, prefix or glob; local or s3://")
+    out: str = Field(description="output folder or s3:// prefix")
+    model: str | None = Field(None, description="bundled name, checkpoint dir or s3:// prefix; None: the default")
+    images_per_prompt: int = Field(1, ge=1, le=10_000)
+    spec: SamplerSpec = SamplerSpec()
+    seed_base: int = Field(0, ge=0, lt=2**63, description="seeds of rows without one derive from it")
+    batch_size: int = Field(32, ge=1, description="images per model call")
+    shard_size: int = Field(1024, ge=1, description="images per tar shard; a multiple of batch_size wastes nothing")
+    num_gpus_per_worker: float | None = Field(None, ge=0, description=(
+        "fractions allowed; None: 1 if the cluster has GPUs at the start, else 0 (on a cluster that "
+        "adds GPU workers on demand, give it)"))
+    num_cpus_per_worker: float = Field(1, gt=0)
+    min_workers: int = Field(1, ge=1)
+    max_workers: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateJob:
+        if self.max_workers is not None and self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers={self.max_workers} is below min_workers={self.min_workers}")
+        return self
+
+
+class ShardMaker:
+    """A pool actor: loads the model once, then renders and publishes one shard per call."""
+
+    def __init__(self, model: str | None, out: str, batch_size: int, exit_marker: str | None):
+        self.generator = Generator.load(model)
+        self.store = storage.open_store(out)
+        self.batch_size, self.exit_marker = batch_size, exit_marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        stats = [self._make(str(name), massgen.TASKS.validate_json(tasks))
+                 for name, tasks in zip(batch["shard"], batch["tasks"])]
+        return {f.name: [getattr(s, f.name) for s in stats] for f in dataclasses.fields(massgen.ShardStats)}
+
+    def _make(self, name: str, tasks: list[massgen.ImageTask]) -> massgen.ShardStats:
+        t0 = time.perf_counter()
+        results, calls = massgen.render(self.generator, tasks, self.batch_size)
+        t1 = time.perf_counter()
+        if self.exit_marker and _first_to_create(self.exit_marker):
+            os._exit(1)
+        published, encode_s = massgen.publish(self.store, name, tasks, results)
+        publish_s = time.perf_counter() - t1 - encode_s
+        return massgen.ShardStats(shard=name, images=len(tasks), model_calls=calls, published=published,
+                                  render_s=t1 - t0, encode_s=encode_s, publish_s=publish_s)
+
+
+def run(job: GenerateJob) -> dict[str, Any]:
+    """Make every image of `job` not made yet; returns the summary (also written as summary.json).
+    Connects to the Ray cluster, or starts a local one, unless Ray is initialised already."""
+    t0 = time.perf_counter()
+    files = massgen.prompt_files(job.prompts)
+    # The driver loads the model on the CPU for its digest: a missing or corrupt model, or a size
+    # it cannot make, fails here, before any GPU work.
+    generator = Generator.load(job.model, device="cpu")
+    generator.image_shape(job.spec)
+    settings = massgen.RunSettings(model_digest=generator.digest, spec=job.spec,
+                                   images_per_prompt=job.images_per_prompt, seed_base=job.seed_base)
+    store = storage.open_store(job.out)
+    massgen.claim_output(store, settings)
+    if not ray.is_initialized():
+        ray.init()
+    checked = _read_rows(files, settings)
+    plan = massgen.make_plan(checked, massgen.done_keys(store), job.shard_size)
+    shards.remove_incomplete(store)
+    massgen.write_failures(store, plan.failures)
+    t1 = time.perf_counter()
+    todo, exit_after = plan.shards, os.environ.get(_DRIVER_EXIT_AFTER)
+    if exit_after:
+        todo = todo[:int(exit_after)]
+    stats = [massgen.ShardStats(**row) for row in _make_shards(job, todo)]
+    if exit_after:
+        os._exit(3)
+    t2 = time.perf_counter()
+    summary = massgen.summarize(plan, stats, wall_s=t2 - t0, stage_s=t2 - t1)
+    massgen.write_summary(store, summary)
+    return summary
+
+
+_READERS = {
+    ".jsonl": lambda paths: ray.data.read_json(paths, lines=True, include_paths=True),
+    ".csv": lambda paths: ray.data.read_csv(paths, include_paths=True),
+    ".txt": lambda paths: ray.data.read_text(paths, include_paths=True).rename_columns({"text": "prompt"}),
+    ".parquet": lambda paths: ray.data.read_parquet(paths, include_paths=True),
+}
+
+
+def _read_rows(files: list[str], settings: massgen.RunSettings) -> list[dict[str, str]]:
+    """Read every prompt file with Ray Data and check its rows, one block at a time (files may
+    differ in their columns and types)."""
+    by_format: dict[str, list[str]] = {}
+    for uri in files:
+        fmt = next(e for e in massgen.PROMPT_FORMATS if uri.endswith(e))
+        by_format.setdefault(fmt, []).append(uri.removeprefix("file://"))
+    parts = [_READERS[fmt](paths) for fmt, paths in sorted(by_format.items())]
+    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    checked = dataset.map_batches(
+        lambda table: massgen.check_rows(table.to_pylist(), settings), batch_size=None, batch_format="pyarrow")
+    try:
+        return list(checked.iter_rows())
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause.__cause__ or err.cause  # Ray Data wraps the reader's error once more
+        raise UserError(f"cannot read the prompt files {', '.join(files)}: {str(cause).splitlines()[0]}") from None
+
+
+def _make_shards(job: GenerateJob, todo: list[tuple[str, list[massgen.ImageTask]]]) -> Iterator[dict[str, Any]]:
+    if not todo:
+        return iter(())
+    items = [{"shard": name, "tasks": massgen.TASKS.dump_json(tasks).decode()} for name, tasks in todo]
+    num_gpus = job.num_gpus_per_worker
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    made = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardMaker,
+        batch_size=1,  # one shard per call: a shard is what a crash retries and what a rerun skips
+        # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 unless told otherwise
+        # (ActorPoolMapOperator._apply_default_remote_args): a dead actor is restarted and its
+        # shards retried. Exactly-once relies on that; the crash test checks it.
+        compute=ray.data.ActorPoolStrategy(min_size=job.min_workers, max_size=job.max_workers),
+        num_gpus=num_gpus,
+        num_cpus=job.num_cpus_per_worker,
+        fn_constructor_kwargs={"model": job.model, "out": job.out, "batch_size": job.batch_size,
+                               "exit_marker": os.environ.get(_ACTOR_EXIT_ONCE)},
+    )
+    return made.iter_rows()
+
+
+def _first_to_create(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def format_summary(out: str, s: dict[str, Any]) -> str:
+    """The summary as a small table for the terminal."""
+    rows = [
+        ("rows read", f"{s['rows']}  ({s['rows_failed']} failed, see failures.jsonl; {s['rows_duplicate']} duplicates)"),
+        ("images expected", f"{s['images_expected']}"),
+        ("done before this run", f"{s['images_done_before']}"),
+        ("generated now", f"{s['images_generated']}  in {s['shards_published']}/{s['shards_planned']} shards, "
+                          f"{s['model_calls']} model calls"),
+        ("wall time", f"{s['wall_s']:.1f} s  (startup {s['startup_s']:.1f} s, shards {s['stage_s']:.1f} s)"),
+        ("images/s", f"{s['images_per_s']:.2f}"),
+        ("actor time", f"render {s['render_s']:.1f} s, encode {s['encode_s']:.1f} s, publish {s['publish_s']:.1f} s"),
+    ]
+    return "\n".join([f"jobs.generate -> {out}", *(f"  {k:<22}{v}" for k, v in rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    fields = GenerateJob.model_fields
+    p = argparse.ArgumentParser(prog="jobs.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", required=True, help=fields["prompts"].description)
+    p.add_argument("--out", required=True, help=fields["out"].description)
+    p.add_argument("--model", default=None, help=fields["model"].description)
+    add_sampler_flags(p)
+    for name, kind in [("images_per_prompt", int), ("seed_base", int), ("batch_size", int), ("shard_size", int),
+                       ("min_workers", int), ("max_workers", int), ("num_gpus_per_worker", float),
+                       ("num_cpus_per_worker", float)]:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=fields[name].default,
+                       help=fields[name].description)
+    args = p.parse_args(argv)
+    try:
+        job = GenerateJob(spec=sampler_spec(args), **{k: v for k, v in vars(args).items() if k in fields})
+        summary = run(job)
+    except (UserError, ValidationError) as err:
+        print(f"jobs.generate: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    print(format_summary(job.out, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

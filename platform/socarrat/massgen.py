@@ -1,0 +1,336 @@
+"""Mass generation without Ray: prompt rows -> keyed image tasks -> a plan of shards -> published shards.
+
+The Data job (`jobs/generate.py`) runs these functions on Ray; the rules live here, so they read and
+test without a cluster. Depends on config, generator, shards and storage; knows nothing of Ray.
+
+Keys and seeds. Every image has a key that a rerun assigns again: `{id}-{j}` for a row with an `id`,
+else `{digest of prompt, negative prompt, seed and sampler spec}-{j}`, with j < images_per_prompt.
+A row with a `seed` gets `seed + j`; one without gets a hash of (seed_base, key base, j). Identical
+rows make the same keys and are generated once; rows sharing an id with different content are
+rejected, all but the first in (key, content) order.
+
+Output layout under --out (`socarrat.shards` owns the tar + manifest pair):
+
+    job.json                 RunSettings of the first run; a rerun must repeat them
+    shards/{name}.tar        {key}.png + {key}.json per image, members grouped by key
+    manifest/{name}.parquet  one row per image: key, shard, prompt, seed, sampler settings, model
+    failures.jsonl           the input rows rejected, with the reason
+    summary.json             counts and timings of the latest run
+
+Exactly once. A shard is done when its manifest part exists; nothing else counts. A run
+(1) reads the keys of done shards, (2) deletes tars without a manifest part (a writer died between
+its two uploads), (3) orders the tasks not done by (sampler spec, key) and cuts them into shards of
+`shard_size`, each named by a digest of its keys, (4) publishes each shard tar first, manifest
+last, both first-writer-wins, so a retried or duplicated attempt changes nothing once one attempt
+has published. A key lands in at most one done shard, since done keys are never planned again and a
+plan holds each key once, and in at least one, since every key not done is planned. Removing whole
+shards from the order and cutting again gives back the other shards (all but the last are full), so
+a rerun of the same command gives each unfinished shard its old name. One run per --out at a time:
+step 2 would delete another run's tar in flight.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from socarrat import shards, storage
+from socarrat.config import SamplerSpec
+from socarrat.errors import NotFoundError, UserError
+from socarrat.generator import Generator, Result
+
+PROMPT_FORMATS = (".jsonl", ".csv", ".txt", ".parquet")
+MAX_PROMPT_CHARS = 1000
+JOB, FAILURES, SUMMARY = "job.json", "failures.jsonl", "summary.json"
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_GLOB = re.compile(r"[*?\[]")
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
+    ("seed", pa.int64()), ("model", pa.string()), ("model_digest", pa.string()), ("sampler", pa.string()),
+    ("steps", pa.int32()), ("spacing", pa.string()), ("guidance", pa.float64()),
+    ("height_px", pa.int32()), ("width_px", pa.int32()),
+])
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSettings(_Frozen):
+    """Everything that decides a run's images; every run into one --out must repeat it."""
+
+    model_digest: str
+    spec: SamplerSpec = SamplerSpec()
+    images_per_prompt: int = Field(1, ge=1, le=10_000)
+    seed_base: int = Field(0, ge=0, lt=2**63)
+
+
+class ImageTask(_Frozen):
+    """One image to make: its key, what to draw, and how."""
+
+    key: str
+    prompt: str
+    negative_prompt: str = ""
+    seed: int
+    spec: SamplerSpec
+
+
+TASKS = TypeAdapter(list[ImageTask])
+
+
+def prompt_files(uri: str) -> list[str]:
+    """The prompt files named by `uri`: one file, a folder or prefix, or a glob (`s3://b/p/*.csv`).
+    NotFoundError, before any work starts, when nothing readable is there."""
+    glob = _GLOB.search(uri)
+    if glob:
+        base = uri[:glob.start()].rpartition("/")[0]
+        pattern = uri[len(base) + 1:] if base else uri
+        store = storage.open_store(base or ".")
+        keys = [k for k in store.list() if fnmatch.fnmatchcase(k, pattern)]
+    else:
+        store = storage.open_store(uri)
+        keys = store.list()
+        if not keys:  # not a folder or prefix: maybe one file, a key of its parent
+            parent, _, name = uri.rstrip("/").rpartition("/")
+            store = storage.open_store(parent or ".")
+            keys = [name] if store.exists(name) else []
+    found = [store.url(k) for k in keys if k.endswith(PROMPT_FORMATS)]
+    if not found:
+        raise NotFoundError(f"no prompt files ({', '.join(PROMPT_FORMATS)}) at {uri}")
+    return found
+
+
+def tasks_for_row(row: Mapping[str, Any], settings: RunSettings) -> list[ImageTask]:
+    """The images of one input row; UserError naming the field when the row is unusable."""
+    prompt = _text(row, "prompt")
+    if not prompt.strip():
+        raise UserError("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    negative = _text(row, "negative_prompt", default="")
+    n = settings.images_per_prompt
+    seed = _seed(row.get("seed"), n)
+    spec = _spec(settings.spec, {k: row[k] for k in ("steps", "guidance") if row.get(k) is not None})
+    # Defaults left out: a sampler field added later must not change the keys of earlier runs.
+    base = _id(row.get("id")) or _digest([prompt, negative, seed, spec.model_dump(exclude_defaults=True)])
+    seeds = [seed + j if seed is not None else _derived_seed(settings.seed_base, base, j) for j in range(n)]
+    return [ImageTask(key=f"{base}-{j}", prompt=prompt, negative_prompt=negative, seed=s, spec=spec)
+            for j, s in enumerate(seeds)]
+
+
+def check_rows(rows: Iterable[dict[str, Any]], settings: RunSettings) -> dict[str, list[str]]:
+    """Columns for a batch of input rows: `tasks` (a JSON list of ImageTask, or "") and `error`
+    (the reason it was rejected, or ""), beside `source`, the row as JSON."""
+    out: dict[str, list[str]] = {"source": [], "tasks": [], "error": []}
+    for row in rows:
+        # Readers mark a missing value as None, or as NaN where they went through pandas (JSON lines).
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        try:
+            tasks, error = TASKS.dump_json(tasks_for_row(row, settings)).decode(), ""
+        except UserError as err:
+            tasks, error = "", str(err)
+        out["source"].append(json.dumps(row, default=str, ensure_ascii=False))
+        out["tasks"].append(tasks)
+        out["error"].append(error)
+    return out
+
+
+@dataclass
+class Plan:
+    """What a run has to make, given the checked rows and the keys already done."""
+
+    shards: list[tuple[str, list[ImageTask]]]
+    failures: list[dict]
+    rows: int
+    rows_duplicate: int
+    images_expected: int
+    images_done_before: int
+
+
+def make_plan(checked: Iterable[Mapping[str, str]], done_keys: set[str], shard_size: int) -> Plan:
+    """Cut the tasks of `checked` rows (from `check_rows`) that are not in `done_keys` into shards."""
+    failures, valid, rows = [], [], 0
+    for row in checked:
+        rows += 1
+        if row["error"]:
+            failures.append({"row": json.loads(row["source"]), "reason": row["error"]})
+        else:
+            valid.append((TASKS.validate_json(row["tasks"]), row["tasks"], row["source"]))
+    tasks, duplicates, clashes = _unique_tasks(valid)
+    todo = sorted((t for k, t in tasks.items() if k not in done_keys), key=lambda t: (t.spec.model_dump_json(), t.key))
+    cuts = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
+    return Plan(
+        shards=[(_digest([t.key for t in cut], prefix="shard-"), cut) for cut in cuts],
+        failures=failures + clashes, rows=rows, rows_duplicate=duplicates,
+        images_expected=len(tasks), images_done_before=len(tasks) - len(todo),
+    )
+
+
+def _unique_tasks(valid: list[tuple[list[ImageTask], str, str]]) -> tuple[dict[str, ImageTask], int, list[dict]]:
+    """Tasks by key, keeping the first row of each key base in (key, content) order; returns them,
+    the count of identical repeats, and a failure for each row whose id clashes with other content."""
+    tasks: dict[str, ImageTask] = {}
+    duplicates, clashes = 0, []
+    for row_tasks, _, source in sorted(valid, key=lambda v: (v[0][0].key, v[1])):
+        first = tasks.get(row_tasks[0].key)
+        if first is None:
+            tasks.update((t.key, t) for t in row_tasks)
+        elif first == row_tasks[0]:
+            duplicates += 1
+        else:
+            base = row_tasks[0].key.rsplit("-", 1)[0]
+            clashes.append({"row": json.loads(source),
+                            "reason": f"id {base!r} is used by another row with other content; ids must be unique"})
+    return tasks, duplicates, clashes
+
+
+def claim_output(store: storage.Store, settings: RunSettings) -> None:
+    """Record `settings` as job.json under `store`, or check that they match the recorded ones.
+    Being the run's first write, it also tells an unwritable --out before any work starts."""
+    if store.put_bytes(JOB, settings.model_dump_json(indent=2).encode(), if_absent=True):
+        return
+    recorded = RunSettings.model_validate_json(store.get_bytes(JOB))
+    if recorded != settings:
+        old, new = recorded.model_dump(), settings.model_dump()
+        diff = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in old if old[k] != new[k])
+        raise UserError(f"{store.url(JOB)} records a run with other settings ({diff}); "
+                        "rerun with the recorded settings to resume it, or choose another --out")
+
+
+def done_keys(store: storage.Store) -> set[str]:
+    """Keys of the images in done shards (those with a manifest part)."""
+    manifest = shards.read_manifest(store, columns=["key"])
+    return set(manifest.column("key").to_pylist()) if manifest is not None else set()
+
+
+@dataclass
+class ShardStats:
+    """What making one shard took; rows of the job's result dataset."""
+
+    shard: str
+    images: int
+    model_calls: int
+    published: bool
+    render_s: float
+    encode_s: float
+    publish_s: float
+
+
+def render(generator: Generator, tasks: list[ImageTask], batch_size: int) -> tuple[list[Result], int]:
+    """One Result per task, in order, and the number of model calls: `Generator.generate` takes one
+    spec per call, so tasks are batched by spec, `batch_size` at most per call."""
+    by_spec: dict[SamplerSpec, list[int]] = {}
+    for i, task in enumerate(tasks):
+        by_spec.setdefault(task.spec, []).append(i)
+    results: list[Result | None] = [None] * len(tasks)
+    calls = 0
+    for spec, indices in by_spec.items():
+        for start in range(0, len(indices), batch_size):
+            batch = [tasks[i] for i in indices[start:start + batch_size]]
+            made = generator.generate([t.prompt for t in batch], [t.seed for t in batch], spec,
+                                      [t.negative_prompt for t in batch])
+            for i, result in zip(indices[start:start + batch_size], made):
+                results[i] = result
+            calls += 1
+    return results, calls
+
+
+def publish(store: storage.Store, name: str, tasks: list[ImageTask], results: list[Result]) -> tuple[bool, float]:
+    """Encode and publish shard `name` (tar, then manifest part); returns (published, encode_s)."""
+    t0 = time.perf_counter()
+    samples, rows = [], []
+    for task, result in sorted(zip(tasks, results), key=lambda tr: tr[0].key):
+        meta = {k: v for k, v in result.metadata.items() if k != "timings"}  # per batch, not per image
+        samples.append((task.key, {"png": result.png_bytes(), "json": json.dumps({"key": task.key, **meta}).encode()}))
+        rows.append({
+            "key": task.key, "shard": f"{shards.SHARD_DIR}/{name}.tar", "prompt": task.prompt,
+            "negative_prompt": task.negative_prompt, "seed": task.seed, "model": meta["model"],
+            "model_digest": meta["model_digest"], "height_px": result.image.height,
+            "width_px": result.image.width,
+            **task.spec.model_dump(include={"sampler", "steps", "spacing", "guidance"}),
+        })
+    encode_s = time.perf_counter() - t0
+    return shards.publish_shard(store, name, samples, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)), encode_s
+
+
+def write_failures(store: storage.Store, failures: list[dict]) -> None:
+    """failures.jsonl, replaced on every run so it describes the current input."""
+    store.put_bytes(FAILURES, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures).encode())
+
+
+def summarize(plan: Plan, stats: list[ShardStats], wall_s: float, stage_s: float) -> dict[str, Any]:
+    """summary.json's content: counts of this run, and where its time went."""
+    generated = sum(s.images for s in stats)
+    return {
+        "rows": plan.rows, "rows_failed": len(plan.failures), "rows_duplicate": plan.rows_duplicate,
+        "images_expected": plan.images_expected, "images_done_before": plan.images_done_before,
+        "images_generated": generated, "images_done": plan.images_done_before + generated,
+        "shards_planned": len(plan.shards), "shards_published": sum(s.published for s in stats),
+        "model_calls": sum(s.model_calls for s in stats),
+        "wall_s": wall_s, "startup_s": wall_s - stage_s, "stage_s": stage_s,
+        "images_per_s": generated / wall_s,
+        "render_s": sum(s.render_s for s in stats), "encode_s": sum(s.encode_s for s in stats),
+        "publish_s": sum(s.publish_s for s in stats),
+    }
+
+
+def write_summary(store: storage.Store, summary: dict[str, Any]) -> None:
+    store.put_bytes(SUMMARY, json.dumps(summary, indent=2).encode())
+
+
+def _text(row: Mapping[str, Any], name: str, default: str | None = None) -> str:
+    value = row.get(name)
+    if value is None:
+        if default is None:
+            raise UserError(f"{name} is missing")
+        return default
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be text, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _seed(value: Any, count: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**63 - count:
+        raise UserError(f"seed must be an integer in [0, 2**63 - images_per_prompt], got {str(value)[:40]!r}")
+    return value
+
+
+def _spec(default: SamplerSpec, overrides: dict[str, Any]) -> SamplerSpec:
+    try:
+        return SamplerSpec.model_validate({**default.model_dump(), **overrides}) if overrides else default
+    except ValidationError as err:
+        raise UserError("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in err.errors())) from None
+
+
+def _id(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not _ID.fullmatch(text):
+        raise UserError(f"id must be 1-128 letters, digits, '_' or '-', got {str(value)[:40]!r}")
+    return text
+
+
+def _digest(parts: list[Any], prefix: str = "") -> str:
+    return prefix + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _derived_seed(seed_base: int, base: str, j: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed_base}:{base}:{j}".encode()).digest()[:8], "big") >> 1
+
