@@ -88,3 +88,13 @@ def tiny_generator(tiny_model):
     from socarrat.generator import Generator
 
     return Generator(tiny_model, digest="0" * 64, name="tiny-test", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model, tmp_path_factory) -> str:
+    """`tiny_model` saved as a checkpoint directory, for code that loads models by URI."""
+    from socarrat.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny"
+    save_checkpoint(tiny_model, str(path))
+    return str(path)

@@ -1,0 +1,354 @@
+"""The Serve endpoint (deployments/text_to_image.py) through the real `openai` client and raw HTTP.
+
+One local Ray cluster and one Serve instance for the module, holding every application the tests
+need (see `deployed`). The tiny model is loaded from a checkpoint directory; everything runs on the CPU.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import numpy as np
+import openai
+import pytest
+import ray
+import requests
+import torch
+import yaml
+from PIL import Image
+from ray import serve
+from ray.serve import RunTarget
+from ray.serve.schema import ApplicationStatus
+
+from conftest import _free_port
+from deployments.text_to_image import PICARD_AVAILABLE, AppArgs, ImageModel, build_app
+from socarrat import storage
+from socarrat.config import GenerationRequest, SamplerSpec
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_N, MAX_STEPS = 4, 200
+SLOW_STEPS = 100  # about a second per image on this CPU: long enough to pile requests up behind it
+
+needs_picard = pytest.mark.skipif(not PICARD_AVAILABLE, reason="SamplerSpec has no Picard fields yet")
+
+
+@dataclass
+class Served:
+    base: str  # http://127.0.0.1:<port>/<route>
+    store_uri: str
+
+    def client(self) -> openai.OpenAI:
+        # No retries: the client would otherwise retry 503s by itself, honouring Retry-After.
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key="dummy", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def serve_port(s3_server: str):
+    """Serve on a free loopback port. Ray starts after the S3 server, so replicas inherit its AWS_*
+    settings; one logical GPU lets serve_config.yaml's `num_gpus: 1` replica be placed (on the CPU)."""
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@dataclass
+class Deployed:
+    main: Served
+    tight: Served
+    missing_model: Path
+    serve_run: subprocess.Popen  # `serve run` of a copy of serve_config.yaml
+    serve_run_log: Path
+    yaml_config: dict
+
+
+@pytest.fixture(scope="module")
+def deployed(serve_port: int, tiny_checkpoint: str, tmp_path_factory) -> Deployed:
+    """Every application of this module, submitted at once: replicas starting up take most of its time.
+
+    `main`: generous limits, PNG URLs on the moto S3 server. `tight`: one request in the replica, one
+    queued, Picard always "busy", PNG URLs in a local folder. `broken`: a model path that does not
+    exist. `socarrat`: serve_config.yaml through the `serve run` command line.
+    """
+    tmp = tmp_path_factory.mktemp("serve")
+    missing = tmp / "no-such-model"
+    # The model deployment alone, and one attempt at starting it instead of Serve's three.
+    broken = ImageModel.options(max_constructor_retry_count=1, ray_actor_options={"num_cpus": 0})
+    serve.run_many([RunTarget(broken.bind(AppArgs(model_uri=str(missing))), "broken", None)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    config = _serve_config_copy(serve_port, tiny_checkpoint, tmp)
+    log = tmp / "serve_run.log"
+    with log.open("w") as out:  # a file, not a pipe: nobody reads a pipe until the test does
+        serve_run = subprocess.Popen(
+            [str(Path(sys.executable).with_name("serve")), "run", str(tmp / "serve_config.yaml"), "--non-blocking",
+             "--address", ray.get_runtime_context().gcs_address], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    bucket = f"serve-{uuid.uuid4().hex[:12]}"
+    boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
+    limits = {"model_uri": tiny_checkpoint, "num_gpus": 0, "max_n": MAX_N, "max_steps": MAX_STEPS}
+    main = AppArgs(store_uri=f"s3://{bucket}/served", **limits)
+    tight = AppArgs(store_uri=str(tmp / "images"), max_ongoing_requests=1, max_queued_requests=1,
+                    picard_max_ongoing=0, **limits)
+    serve.run_many([RunTarget(build_app(main), "main", "/main"), RunTarget(build_app(tight), "tight", "/tight")])
+    try:
+        yield Deployed(Served(f"http://127.0.0.1:{serve_port}/main", main.store_uri),
+                       Served(f"http://127.0.0.1:{serve_port}/tight", tight.store_uri), missing, serve_run, log, config)
+    finally:
+        if serve_run.poll() is None:
+            serve_run.kill()
+
+
+def _serve_config_copy(port: int, model_uri: str, folder: Path) -> dict:
+    """serve_config.yaml with this module's HTTP port, the tiny model and a local store, in `folder`."""
+    config = yaml.safe_load((REPO / "deployments" / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port  # Serve is already up on it; its HTTP options stay as they are
+    config["applications"][0]["args"] |= {"model_uri": model_uri, "store_uri": str(folder / "yaml-images")}
+    (folder / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
+@pytest.fixture(scope="module")
+def main(deployed: Deployed) -> Served:
+    return deployed.main
+
+
+@pytest.fixture(scope="module")
+def tight(deployed: Deployed) -> Served:
+    return deployed.tight
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=int)
+
+
+def b64_pixels(response) -> list[np.ndarray]:
+    return [pixels(base64.b64decode(d.b64_json)) for d in response.data]
+
+
+def metadata(response) -> dict:
+    return response.model_extra["metadata"]
+
+
+def test_openai_client_gets_pngs_with_seeds_and_metadata(main: Served):
+    client = main.client()
+    response = client.images.generate(prompt="a red circle", n=2, size="32x16", extra_body={"seed": 7, "steps": 3})
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in response.data]
+    assert [(im.format, im.size) for im in images] == [("PNG", (32, 16))] * 2
+    assert [d.model_extra["seed"] for d in response.data] == [7, 8]
+    assert json.loads(images[1].text["socarrat"])["seed"] == 8
+    a, b = b64_pixels(response)
+    assert not np.array_equal(a, b)
+    meta = metadata(response)
+    assert meta["mode"] == "sequential" and meta["spec"]["steps"] == 3 and meta["spec"]["width_px"] == 32
+    assert meta["timings"]["batch_size"] == 2 and meta["timings"]["total_s"] >= meta["timings"]["sample_s"] > 0
+    [model] = client.models.list().data
+    assert model.id == meta["model"] and model.model_extra["digest"] == meta["model_digest"]
+    assert requests.get(f"{main.base}/healthz").json() == {"status": "ok", "model": model.id}
+
+
+def test_concurrent_burst_equals_unbatched(main: Served):
+    client = main.client()
+    jobs = [("a red circle" if i % 3 else "a blue square", 100 + i, "16x16" if i % 2 else "32x32") for i in range(32)]
+
+    def ask(job):
+        prompt, seed, size = job
+        return client.images.generate(prompt=prompt, size=size, extra_body={"seed": seed, "steps": 2})
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        burst = list(pool.map(ask, jobs))
+    alone = [ask(job) for job in jobs]
+    assert max(metadata(r)["timings"]["batch_size"] for r in burst) > 1
+    assert all(metadata(r)["timings"]["batch_size"] == 1 for r in alone)
+    for together, by_itself, (_, seed, _) in zip(burst, alone, jobs):
+        assert together.data[0].model_extra["seed"] == by_itself.data[0].model_extra["seed"] == seed
+        [x], [y] = b64_pixels(together), b64_pixels(by_itself)
+        assert np.abs(x - y).max() <= 1  # float reassociation across batch sizes
+    assert not np.array_equal(b64_pixels(burst[0])[0], b64_pixels(burst[6])[0])  # same prompt and size
+
+
+BAD_INPUT = [
+    ('{"prompt": "x",', None),
+    ([], None),
+    ({"n": 1}, "prompt"),
+    ({"prompt": "  "}, "prompt"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": MAX_N + 1}, "n"),
+    ({"prompt": "x", "size": "33x32"}, "size"),
+    ({"prompt": "x", "size": "1024x1024"}, "size"),
+    ({"prompt": "x", "size": "large"}, "size"),
+    ({"prompt": "x", "sampler": "euler"}, "sampler"),
+    ({"prompt": "x", "sampler": "paella"}, "sampler"),
+    ({"prompt": "x", "steps": MAX_STEPS + 1}, "steps"),
+    ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "response_format": "png"}, "response_format"),
+    ({"prompt": "x", "model": "dall-e-3"}, "model"),
+    ({"prompt": "x", "quality": "hd"}, "quality"),
+    ({"prompt": "x", "window": 4}, "window"),
+    ({"prompt": "x", "timeout_s": 10**6}, "timeout_s"),
+]
+if not PICARD_AVAILABLE:
+    BAD_INPUT.append(({"prompt": "x", "picard": True}, "picard"))
+
+
+@pytest.mark.parametrize("body, param", BAD_INPUT, ids=[str(b) for b, _ in BAD_INPUT])
+def test_bad_input_gets_400_naming_the_field(main: Served, body, param):
+    raw = body if isinstance(body, str) else json.dumps(body)
+    response = requests.post(f"{main.base}/v1/images/generations", data=raw,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    if param:
+        assert error["message"].startswith(f"{param}: ")
+
+
+def test_bad_input_through_the_openai_client_and_the_replica_keeps_serving(main: Served):
+    client = main.client()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="x", extra_body={"sampler": "paella"})
+    assert err.value.param == "sampler" and "no token model" in err.value.message
+    assert len(client.images.generate(prompt="x", extra_body={"steps": 2}).data) == 1
+
+
+@pytest.mark.parametrize("app", ["main", "tight"], ids=["s3", "local"])
+def test_url_responses_land_in_the_object_store(request: pytest.FixtureRequest, app: str):
+    served: Served = request.getfixturevalue(app)
+    client, fields = served.client(), {"seed": 5, "steps": 2}
+    by_url = client.images.generate(prompt="a blue square", response_format="url", extra_body=fields)
+    by_value = client.images.generate(prompt="a blue square", extra_body=fields)
+    url = by_url.data[0].url
+    assert url.startswith(storage.open_store(served.store_uri).uri + "/images/")
+    assert np.array_equal(pixels(storage.read_bytes(url)), b64_pixels(by_value)[0])
+
+
+@needs_picard
+def test_picard_in_replica_matches_sequential(main: Served):
+    client, fields = main.client(), {"seed": 3, "steps": 8, "sampler": "ddpm"}
+    picard = client.images.generate(prompt="x", extra_body={**fields, "picard": True, "window": 4, "tolerance": 0.0})
+    sequential = client.images.generate(prompt="x", extra_body=fields)
+    assert metadata(picard)["mode"] == "picard-replica" and metadata(sequential)["mode"] == "sequential"
+    assert metadata(picard)["picard"]["rounds"] >= 2 and metadata(sequential).get("picard") is None
+    assert np.abs(b64_pixels(picard)[0] - b64_pixels(sequential)[0]).max() <= 1
+
+
+@needs_picard
+def test_busy_replica_falls_back_to_batched_sequential(tight: Served):
+    client, fields = tight.client(), {"seed": 3, "steps": 8, "sampler": "ddpm"}
+    picard = client.images.generate(prompt="x", extra_body={**fields, "picard": True, "window": 4})
+    sequential = client.images.generate(prompt="x", extra_body=fields)
+    assert metadata(picard)["mode"] == "sequential-busy" and metadata(picard)["spec"]["picard"] is False
+    assert np.array_equal(b64_pixels(picard)[0], b64_pixels(sequential)[0])
+
+
+def test_overload_beyond_the_queue_gets_503_before_any_admitted_request_ends(tight: Served):
+    client = tight.client()
+
+    def ask(seed: int) -> tuple[int, openai.APIStatusError | None, float]:
+        try:
+            client.images.generate(prompt="x", extra_body={"seed": seed, "steps": SLOW_STEPS})
+            return 200, None, time.monotonic()
+        except openai.APIStatusError as err:
+            return err.status_code, err, time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    rejected = [a for a in answers if a[0] == 503]
+    admitted = [a for a in answers if a[0] != 503]
+    assert rejected and admitted and all(status == 200 for status, _, _ in admitted)
+    for _, err, _ in rejected:
+        assert err.code == "overloaded" and err.type == "server_error"
+        assert err.response.headers["Retry-After"] == "1"
+    assert max(t for _, _, t in rejected) < min(t for _, _, t in admitted)
+
+
+def test_request_timeout_gets_504(tight: Served):
+    with pytest.raises(openai.APIStatusError) as err:
+        tight.client().images.generate(prompt="x", extra_body={"steps": SLOW_STEPS, "timeout_s": 0.05})
+    assert err.value.status_code == 504 and err.value.code == "timeout"
+
+
+def test_requests_arriving_during_a_model_call_share_the_next_one(tiny_checkpoint: str):
+    replica = ImageModel.func_or_class(AppArgs(model_uri=tiny_checkpoint, num_gpus=0))
+
+    def request(seed: int) -> GenerationRequest:
+        return GenerationRequest(prompts=["x"], seeds=[seed], spec=SamplerSpec(steps=2))
+
+    async def scenario() -> list:
+        first = asyncio.create_task(replica.generate(request(0)))
+        while not replica.queue:  # the first request is queued ...
+            await asyncio.sleep(0)
+        while replica.queue:  # ... and taken: its model call runs in a thread now
+            await asyncio.sleep(0)
+        cancelled = asyncio.create_task(replica.generate(request(1)))
+        rest = [asyncio.create_task(replica.generate(request(seed))) for seed in (2, 3, 4)]
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        return await asyncio.gather(first, *rest)
+
+    answers = asyncio.run(scenario())
+    assert [a.metadata.timings["batch_size"] for a in answers] == [1, 3, 3, 3]
+    assert [a.results[0].metadata["seed"] for a in answers] == [0, 2, 3, 4]
+
+
+def test_check_health_reports_non_finite_weights(tiny_checkpoint: str):
+    replica = ImageModel.func_or_class(AppArgs(model_uri=tiny_checkpoint, num_gpus=0))
+    replica.check_health()
+    with torch.no_grad():
+        next(replica.generator.model.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite weights"):
+        replica.check_health()
+
+
+def test_builder_args_from_the_command_line_are_validated():
+    assert AppArgs.model_validate({"num_gpus": "0", "max_n": "2"}).num_gpus == 0
+    with pytest.raises(ValueError, match="max_n=32 exceeds max_batch_images=16"):
+        AppArgs.model_validate({"max_n": "32"})
+    with pytest.raises(ValueError, match="num_gpu"):
+        AppArgs.model_validate({"num_gpu": "0"})
+
+
+def _wait_until_deployed(name: str, timeout_s: float = 150) -> ApplicationStatus:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        if app and app.status not in (ApplicationStatus.NOT_STARTED, ApplicationStatus.DEPLOYING):
+            return app.status
+        time.sleep(0.5)  # polling Serve's own status: it offers no event to wait on
+    return ApplicationStatus.DEPLOYING
+
+
+def test_missing_model_fails_to_deploy_naming_the_path(deployed: Deployed):
+    try:
+        assert _wait_until_deployed("broken") == ApplicationStatus.DEPLOY_FAILED
+        model = serve.status().applications["broken"].deployments["ImageModel"]
+        assert f"NotFoundError: no checkpoint at {deployed.missing_model}" in model.message
+    finally:
+        serve.delete("broken")
+
+
+def test_serve_config_yaml_deploys_with_serve_run(deployed: Deployed, serve_port: int):
+    returncode = deployed.serve_run.wait(timeout=120)
+    [app] = deployed.yaml_config["applications"]
+    try:
+        assert returncode == 0, deployed.serve_run_log.read_text()[-3000:]
+        assert _wait_until_deployed(app["name"]) == ApplicationStatus.RUNNING, serve.status().applications[app["name"]]
+        served = Served(f"http://127.0.0.1:{serve_port}", app["args"]["store_uri"])
+        response = served.client().images.generate(prompt="x", response_format="url", extra_body={"steps": 2})
+        assert pixels(storage.read_bytes(response.data[0].url)).shape == (32, 32, 3)
+    finally:
+        serve.delete(app["name"])
