@@ -1,0 +1,29 @@
+"""cluster.yaml and cluster-local.yaml pass Ray's own cluster-config validation."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_cluster_configs_pass_rays_schema(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    validate_config(config)
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1 and gpu["resources"]["GPU"] >= 1
+
+
+def test_aws_config_after_ray_fills_its_defaults():
+    config = prepare_config(copy.deepcopy(yaml.safe_load((ROOT / "cluster.yaml").read_text())))
+    validate_config(config)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0} and head["max_workers"] == 0
+    assert config["idle_timeout_minutes"] > 0 and config["upscaling_speed"] > 0
+    assert "pip install -q -e /home/ray/socarrat" in config["setup_commands"]
+    rules = config["provider"]["security_group"]["IpPermissions"]
+    assert [r["FromPort"] for r in rules] == [22]  # Ray's ports stay inside the cluster
