@@ -29,13 +29,17 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--height-px", type=int, default=None)
     parser.add_argument("--width-px", type=int, default=None)
+    parser.add_argument("--picard", action="store_true", help="Picard (ParaDiGMS) parallel sampling")
+    parser.add_argument("--window", type=int, default=32, help="Picard: steps evaluated per model call")
+    parser.add_argument("--tolerance", type=float, default=2e-3, help="Picard: accepted change of a state in final-image units; 0 = sequential")
 
 
 def sampler_spec(args: argparse.Namespace):
     from socarrat.config import SamplerSpec
 
     return SamplerSpec(sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
-                       height_px=args.height_px, width_px=args.width_px)
+                       height_px=args.height_px, width_px=args.width_px, picard=args.picard, window=args.window,
+                       tolerance=args.tolerance)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -75,6 +75,10 @@ class SamplerSpec(_Spec):
     guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale; 1 = off")
     height_px: int | None = Field(None, ge=8, description="None: the model's size_px")
     width_px: int | None = Field(None, ge=8, description="None: the model's size_px")
+    picard: bool = Field(False, description="Picard (ParaDiGMS) parallel sampling: many steps per model call")
+    window: int = Field(32, ge=1, description="Picard: steps evaluated together per round and sample")
+    tolerance: float = Field(2e-3, ge=0, description="Picard: accepted RMS change of a state scaled to the final "
+                             "image, x / sqrt(alpha_bar), in data units ([-1, 1] pixels); 0 = the sequential result")
 
 
 class GenerationRequest(_Spec):

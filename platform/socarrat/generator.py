@@ -22,6 +22,7 @@ from socarrat.config import GenerationRequest, ModelSpec, SamplerSpec
 from socarrat.errors import UserError
 from socarrat.models import GaussianModel, build_model
 from socarrat.sampling import Schedule, cfg_denoiser, draw_noise, make_step, sample
+from socarrat.sampling.picard import sample_picard
 
 # The stand-in used until a default model is bundled: tiny, seeded, so its digest is stable.
 TINY_SPEC = ModelSpec(channels=(16, 32), attention_levels=(1,), heads=2, text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2})
@@ -107,7 +108,12 @@ class Generator:
             t1 = time.perf_counter()
             x, noises = draw_noise(request.seeds, shape, spec.steps, spec.sampler == "ddpm", self.device)
             step = make_step(spec.sampler, schedule, self.spec.prediction, self.spec.clip_sample)
-            x = sample(cfg_denoiser(self.model, spec.guidance), x, schedule, step, noises, cond, progress)
+            denoise, picard = cfg_denoiser(self.model, spec.guidance), {}
+            if spec.picard:
+                x, stats = sample_picard(denoise, x, schedule, step, noises, cond, spec.window, spec.tolerance, progress)
+                picard = {"picard": {"rounds": stats.rounds, "evaluations": stats.evaluations}}  # of the whole batch
+            else:
+                x = sample(denoise, x, schedule, step, noises, cond, progress)
         t2 = time.perf_counter()
         pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         t3 = time.perf_counter()
@@ -115,7 +121,7 @@ class Generator:
         return [
             Result(Image.fromarray(np.ascontiguousarray(img)), {
                 "prompt": p, "negative_prompt": n, "seed": s, "model": self.name,
-                "model_digest": self.digest, "spec": spec.model_dump(), "timings": timings,
+                "model_digest": self.digest, "spec": spec.model_dump(), "timings": timings, **picard,
             })
             for img, p, n, s in zip(pixels, request.prompts, negatives, request.seeds)
         ]

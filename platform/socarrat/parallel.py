@@ -1,0 +1,144 @@
+"""Picard rounds sharded over a group of Ray actors that each hold the model.
+
+`PicardGroup` starts K actors (`num_gpus_per_actor=1/K` shares one GPU; 0 runs them on CPUs); each
+loads the model once. `group.conditioned(cond, guidance)` sends one request's conditioning to every
+actor once and yields a `denoise` callable and a stand-in for the conditioning, which
+`socarrat.sampling.picard.sample_picard` (or `sample`) takes in place of a local denoiser and
+`cond`. Per round only the window's states, timesteps and row numbers travel to the actors, and
+their model outputs travel back.
+
+A lost actor fails the request with `WorkerLostError`, never with a partial or silently wrong
+image; the group replaces the actor before its next request. The samplers stay pure: Ray lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from socarrat.errors import UserError
+from socarrat.models import GaussianModel
+from socarrat.sampling import Denoise, cfg_denoiser
+from socarrat.sampling.picard import take_rows
+
+
+class WorkerLostError(RuntimeError):
+    """A Picard actor died while sampling: the request produced no image and can be retried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteRows:
+    """Rows of a request's conditioning held by the actors. Indexing selects rows, as it does for a
+    `TextEncoding`, so the Picard loop repeats the conditioning per window row without moving it."""
+
+    rows: torch.Tensor | None = None  # (R,) long row numbers in the request's batch; None: all rows
+
+    def __getitem__(self, index: torch.Tensor) -> RemoteRows:
+        return RemoteRows(index.cpu() if self.rows is None else self.rows[index.cpu()])
+
+
+@ray.remote
+class DenoiseActor:
+    """One model replica on the GPU (share) Ray gave it, or on the CPU where there is none."""
+
+    def __init__(self, model: str | GaussianModel):
+        from socarrat.checkpoint import load_checkpoint
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_checkpoint(model)[0] if isinstance(model, str) else model
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.requests: dict[str, tuple[Denoise, Any]] = {}
+
+    def condition(self, key: str, cond: Any, guidance: float) -> None:
+        self.requests[key] = (cfg_denoiser(self.model, guidance), _to_device(cond, self.device))
+
+    def release(self, key: str) -> None:
+        self.requests.pop(key, None)
+
+    @torch.inference_mode()
+    def denoise(self, key: str, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        denoise, cond = self.requests[key]
+        # Generator's precision: bf16 autocast on a GPU, exact fp32 on the CPU.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = denoise(x.to(self.device), t.to(self.device), take_rows(cond, rows.to(self.device)))
+        return out.float().cpu()
+
+
+def _to_device(cond: Any, device: torch.device) -> Any:
+    """Conditioning on `device`: a tensor, a dataclass of tensors (TextEncoding) or a tuple of them."""
+    if isinstance(cond, tuple):
+        return tuple(_to_device(c, device) for c in cond)
+    if dataclasses.is_dataclass(cond):
+        fields = {f.name: _to_device(getattr(cond, f.name), device) for f in dataclasses.fields(cond)}
+        return dataclasses.replace(cond, **fields)
+    return cond.to(device)
+
+
+class PicardGroup:
+    """K actors that evaluate the rows of each Picard round together.
+
+    `model`: a checkpoint name or URI that each actor loads (`socarrat.checkpoint`), or a model
+    object, shipped once through the object store.
+    """
+
+    def __init__(
+        self, model: str | GaussianModel, actors: int, num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0
+    ):
+        if actors < 1:
+            raise UserError(f"actors must be >= 1, got {actors}")
+        self._model = model if isinstance(model, str) else ray.put(model)
+        self._options = {"num_gpus": num_gpus_per_actor, "num_cpus": num_cpus_per_actor}
+        self.actors = [self._start() for _ in range(actors)]
+        self._lost: set[int] = set()
+        ray.get([a.__ray_ready__.remote() for a in self.actors])  # a model that fails to load raises here
+
+    def _start(self) -> ray.actor.ActorHandle:
+        return DenoiseActor.options(**self._options).remote(self._model)
+
+    @contextmanager
+    def conditioned(self, cond: Any, guidance: float) -> Iterator[tuple[Denoise, RemoteRows]]:
+        """Send `cond` (B rows: Generator's (positive, negative) encodings) to every actor once and
+        yield (denoise, rows): the sampler's denoiser with CFG at `guidance`, and its conditioning."""
+        for i in self._lost:
+            self.actors[i] = self._start()
+        self._lost.clear()
+        key = uuid.uuid4().hex
+        cond_ref = ray.put(_to_device(cond, torch.device("cpu")))  # each actor moves it to its own device
+        self._gather([a.condition.remote(key, cond_ref, guidance) for a in self.actors])
+        try:
+            yield self._denoiser(key), RemoteRows()
+        finally:
+            for i, actor in enumerate(self.actors):
+                if i not in self._lost:
+                    actor.release.remote(key)
+
+    def _denoiser(self, key: str) -> Denoise:
+        def denoise(x: torch.Tensor, t: torch.Tensor, rows: RemoteRows) -> torch.Tensor:
+            k = len(self.actors)
+            index = torch.arange(len(x)) if rows.rows is None else rows.rows
+            shards = [s for s in zip(x.cpu().tensor_split(k), t.cpu().tensor_split(k), index.tensor_split(k)) if len(s[0])]
+            outs = self._gather([actor.denoise.remote(key, *shard) for actor, shard in zip(self.actors, shards)])
+            return torch.cat(outs).to(x.device)
+
+        return denoise
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """Every result, or WorkerLostError naming the actors that died (results are all or nothing)."""
+        try:
+            return ray.get(refs)
+        except RayActorError as err:
+            for i, ref in enumerate(refs):
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    self._lost.add(i)
+            raise WorkerLostError(
+                f"Picard actor(s) {sorted(self._lost)} of {len(self.actors)} died while sampling; this request "
+                "produced no image: retry it (the group restarts lost actors before the next request)"
+            ) from err

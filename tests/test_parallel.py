@@ -1,0 +1,71 @@
+"""Picard over a group of Ray actors: equals the in-process sampler; a killed actor fails the
+request with a clear error (never a wrong image) and the group recovers for the next request."""
+
+import pytest
+import ray
+import torch
+
+from socarrat.parallel import PicardGroup, WorkerLostError
+from socarrat.sampling import cfg_denoiser, draw_noise, make_step
+from socarrat.sampling.picard import sample_picard
+from socarrat.sampling.schedules import Schedule
+
+STEPS, WINDOW = 12, 4
+
+
+@pytest.fixture(scope="module")
+def group(tiny_model):
+    # One logical GPU that no CUDA backs: the two actors take half of it each, as on a real card,
+    # and run on the CPU because torch finds no GPU.
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)  # never a `ray start` cluster
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the in-process runs: a tiny model is fastest on one thread
+    try:
+        yield PicardGroup(tiny_model, actors=2, num_gpus_per_actor=0.5, num_cpus_per_actor=0.5)
+    finally:
+        torch.set_num_threads(threads)
+        ray.shutdown()
+
+
+def request(model, sampler="ddpm"):
+    """(cond, x, schedule, step, noises) for two prompts."""
+    with torch.inference_mode():
+        cond = (model.encode(["a red circle", "two blue squares"]), model.encode(["", ""]))
+    schedule = Schedule.create(model.spec.schedule, model.spec.train_timesteps, "trailing", STEPS)
+    x, noises = draw_noise([1, 2], (3, 32, 32), STEPS, sampler == "ddpm")
+    return cond, x, schedule, make_step(sampler, schedule, model.spec.prediction, model.spec.clip_sample), noises
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_actor_group_equals_in_process(group, tiny_model, sampler):
+    cond, x, schedule, step, noises = request(tiny_model, sampler)
+    with torch.inference_mode():
+        local, local_stats = sample_picard(cfg_denoiser(tiny_model, 3.0), x, schedule, step, noises, cond, WINDOW, 1e-3)
+    with group.conditioned(cond, 3.0) as (denoise, rows):
+        remote, remote_stats = sample_picard(denoise, x, schedule, step, noises, rows, WINDOW, 1e-3)
+    # The actors run other kernels (one thread, other batch sizes): equal up to float rounding.
+    torch.testing.assert_close(remote, local, atol=1e-4, rtol=0)
+    assert remote_stats.evaluations >= STEPS * len(x)
+
+
+def test_killed_actor_fails_the_request_and_the_group_recovers(group, tiny_model):
+    cond, x, schedule, step, noises = request(tiny_model)
+    victim, rounds = group.actors[1], []
+
+    with group.conditioned(cond, 3.0) as (denoise, rows):
+        def killing(x, t, rows):
+            rounds.append(len(x))
+            if len(rounds) == 2:
+                ray.kill(victim, no_restart=True)
+            return denoise(x, t, rows)
+
+        with pytest.raises(WorkerLostError, match=r"actor\(s\) \[1\] of 2 died.*retry"):
+            sample_picard(killing, x, schedule, step, noises, rows, WINDOW, tolerance=0.0)
+    assert 2 <= len(rounds) < STEPS
+
+    with torch.inference_mode():
+        local, _ = sample_picard(cfg_denoiser(tiny_model, 3.0), x, schedule, step, noises, cond, WINDOW, 1e-3)
+    with group.conditioned(cond, 3.0) as (denoise, rows):
+        remote, _ = sample_picard(denoise, x, schedule, step, noises, rows, WINDOW, 1e-3)
+    assert group.actors[1] is not victim
+    torch.testing.assert_close(remote, local, atol=1e-4, rtol=0)
