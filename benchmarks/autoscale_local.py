@@ -31,7 +31,7 @@ def gpu_nodes() -> int:
     return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0)
 
 
-def run(prompts: str, timeout_s: float = 240.0) -> dict:
+def run(prompts: str, timeout_s: float = 300.0) -> dict:
     """Start the fake cluster, run the job, record the GPU-node timeline; always stops Ray."""
     import ray
 

@@ -72,7 +72,7 @@ def test_bad_sampler_spec(field, value):
         SamplerSpec(**{field: value})
 
 
-def test_load_default_without_bundled_model_or_by_bad_name():
+def test_load_default_model_and_a_bad_name():
     from socarrat.generator import Generator
 
     gen = Generator.load(device="cpu")
