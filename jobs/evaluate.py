@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.cli import add_sampler_flags, sampler_spec
+from socarrat.cli import add_sampler_flags, one_line, sampler_spec
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import CATEGORIES, evaluation_prompts, score
 from socarrat.errors import UserError
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(Generator.load(args.model), spec, args.prompts, args.seeds, args.batch_size)
         write_report(report, args.out)
     except (UserError, ValidationError) as err:
-        print(f"jobs.evaluate: error: {err}", file=sys.stderr)
+        print(f"jobs.evaluate: error: {one_line(err)}", file=sys.stderr)
         return 2
     print_table(report["summary"])
     print(f"report written to {args.out}")

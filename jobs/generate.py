@@ -33,7 +33,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from socarrat import massgen, shards, storage
-from socarrat.cli import _one_line, add_sampler_flags, sampler_spec
+from socarrat.cli import add_sampler_flags, one_line, sampler_spec
 from socarrat.config import SamplerSpec
 from socarrat.errors import UserError
 from socarrat.generator import Generator
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         job = GenerateJob(spec=sampler_spec(args), **{k: v for k, v in vars(args).items() if k in fields})
         summary = run(job)
     except (UserError, ValidationError) as err:
-        print(f"jobs.generate: error: {_one_line(err)}", file=sys.stderr)
+        print(f"jobs.generate: error: {one_line(err)}", file=sys.stderr)
         return 2
     print(format_summary(job.out, summary))
     return 0

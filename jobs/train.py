@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from socarrat.cli import one_line
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
 from socarrat.training import TrainConfig, TrainResult, train
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(model=_model_spec(args.model_spec, args.size_px), **fields)
         run(cfg, args.num_workers, args.use_gpu)
     except (UserError, ValidationError, json.JSONDecodeError) as err:
-        print(f"jobs.train: error: {err}", file=sys.stderr)
+        print(f"jobs.train: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

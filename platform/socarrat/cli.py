@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from socarrat.errors import UserError
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: Exception) -> str:
+    """A user error as one line for a terminal: pydantic's errors joined as `field: message`."""
     if isinstance(err, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors())
     return str(err)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (UserError, ValidationError) as err:
-        print(f"socarrat {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"socarrat {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 
