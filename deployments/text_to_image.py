@@ -33,10 +33,6 @@ from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
 from socarrat.generator import Generator, Result
 
-# The Picard issue adds `picard`, `window` and `tolerance` to SamplerSpec; until then a Picard
-# request is refused rather than silently run sequentially.
-PICARD_AVAILABLE = "picard" in SamplerSpec.model_fields
-
 # The ingress only awaits the model deployment, so it admits far more requests than a model
 # replica; rejections then happen at the model's queue, where they get an OpenAI error body.
 INGRESS_MAX_ONGOING_REQUESTS = 1024
@@ -178,13 +174,6 @@ class ImageGenerationRequest(BaseModel):
                              "loaded (it serves a Gaussian diffusion model); use 'ddim' or 'ddpm'")
         return sampler
 
-    @field_validator("picard")
-    @classmethod
-    def _picard(cls, picard: bool) -> bool:
-        if picard and not PICARD_AVAILABLE:
-            raise ValueError("Picard sampling is not available in this build of socarrat; send picard=false")
-        return picard
-
     @field_validator("window", "tolerance")
     @classmethod
     def _picard_only(cls, value: float | None, info: ValidationInfo) -> float | None:
@@ -322,7 +311,7 @@ class ImageModel:
             self.ongoing -= 1
 
     def _mode(self, spec: SamplerSpec) -> tuple[Mode, SamplerSpec]:
-        if not (PICARD_AVAILABLE and spec.picard):
+        if not spec.picard:
             return "sequential", spec
         if self.ongoing <= self.args.picard_max_ongoing:
             return "picard-replica", spec

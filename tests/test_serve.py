@@ -30,15 +30,13 @@ from ray.serve import RunTarget
 from ray.serve.schema import ApplicationStatus
 
 from conftest import _free_port
-from deployments.text_to_image import PICARD_AVAILABLE, AppArgs, ImageModel, build_app
+from deployments.text_to_image import AppArgs, ImageModel, build_app
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_N, MAX_STEPS = 4, 200
 SLOW_STEPS = 100  # about a second per image on this CPU: long enough to pile requests up behind it
-
-needs_picard = pytest.mark.skipif(not PICARD_AVAILABLE, reason="SamplerSpec has no Picard fields yet")
 
 
 @dataclass
@@ -200,8 +198,6 @@ BAD_INPUT = [
     ({"prompt": "x", "window": 4}, "window"),
     ({"prompt": "x", "timeout_s": 10**6}, "timeout_s"),
 ]
-if not PICARD_AVAILABLE:
-    BAD_INPUT.append(({"prompt": "x", "picard": True}, "picard"))
 
 
 @pytest.mark.parametrize("body, param", BAD_INPUT, ids=[str(b) for b, _ in BAD_INPUT])
@@ -236,7 +232,6 @@ def test_url_responses_land_in_the_object_store(request: pytest.FixtureRequest, 
     assert np.array_equal(pixels(storage.read_bytes(url)), b64_pixels(by_value)[0])
 
 
-@needs_picard
 def test_picard_in_replica_matches_sequential(main: Served):
     client, fields = main.client(), {"seed": 3, "steps": 8, "sampler": "ddpm"}
     picard = client.images.generate(prompt="x", extra_body={**fields, "picard": True, "window": 4, "tolerance": 0.0})
@@ -246,7 +241,6 @@ def test_picard_in_replica_matches_sequential(main: Served):
     assert np.abs(b64_pixels(picard)[0] - b64_pixels(sequential)[0]).max() <= 1
 
 
-@needs_picard
 def test_busy_replica_falls_back_to_batched_sequential(tight: Served):
     client, fields = tight.client(), {"seed": 3, "steps": 8, "sampler": "ddpm"}
     picard = client.images.generate(prompt="x", extra_body={**fields, "picard": True, "window": 4})
