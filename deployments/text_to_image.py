@@ -288,7 +288,7 @@ class ImageModel:
         self.generator = Generator.load(args.model_uri)
         spec = self.generator.spec
         self.card = ModelCard(id=self.generator.name, created=int(time.time()), digest=self.generator.digest,
-                              size_px=spec.size_px, downsampling=spec.downsampling)
+                              size_px=spec.size_px, downsampling=self.generator.pixel_multiple)
         self.args = args
         self.ongoing = 0
         self.queue: deque[_Job] = deque()

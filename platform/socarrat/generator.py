@@ -19,7 +19,6 @@ from PIL import Image, PngImagePlugin
 
 from socarrat.checkpoint import DEFAULT_MODEL, bundled_models, load_checkpoint
 from socarrat.config import GenerationRequest, ModelSpec, SamplerSpec
-from socarrat.errors import UserError
 from socarrat.models import GaussianModel, build_model
 from socarrat.sampling import Schedule, cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
@@ -79,13 +78,14 @@ class Generator:
     def spec(self) -> ModelSpec:
         return self.model.spec
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Image height and width must be multiples of this."""
+        return self.model.pixel_multiple
+
     def image_shape(self, spec: SamplerSpec) -> tuple[int, int, int]:
-        """(C, H, W) of the model's samples for `spec`; raises UserError for a size it cannot make."""
-        h, w = spec.height_px or self.spec.size_px, spec.width_px or self.spec.size_px
-        d = self.spec.downsampling
-        if h % d or w % d:
-            raise UserError(f"size {w}x{h}: height and width must be multiples of {d} for this model")
-        return self.spec.in_channels, h, w
+        """(C, H, W) of the state sampled for `spec`; raises UserError for a size it cannot make."""
+        return self.model.latent_shape(spec.height_px or self.spec.size_px, spec.width_px or self.spec.size_px)
 
     @torch.inference_mode()
     def generate(
@@ -114,7 +114,8 @@ class Generator:
                 picard = {"picard": {"rounds": stats.rounds, "evaluations": stats.evaluations}}  # of the whole batch
             else:
                 x = sample(denoise, x, schedule, step, noises, cond, progress)
-        t2 = time.perf_counter()
+            t2 = time.perf_counter()
+            x = self.model.decode(x)
         pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         t3 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "batch_size": len(x)}

@@ -1,7 +1,12 @@
-"""Model families behind one interface: `encode(prompts)` and `forward(x, t, text)`.
+"""Model families behind one interface, the one `Generator` and the trainers use:
 
-One family a module (`unet.py` today); `build_model(spec)` is the only place that dispatches on
-`ModelSpec.family`. Samplers never import this package: they take a `denoise` callable.
+- `encode(prompts)` -> conditioning; `forward(x, t, text)` -> the denoiser's output;
+- `latent_shape(height_px, width_px)` -> (C, h, w) of the state a sampler works on (UserError for a
+  size the model cannot make) and `pixel_multiple`, the step that sizes must be multiples of;
+- `decode(x)` -> (B, 3, H, W) pixels in [-1, 1] (identity for pixel-space models).
+
+One family a module; `build_model(spec)` is the only place that dispatches on `ModelSpec.family`.
+Samplers never import this package: they take a `denoise` callable.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 from torch import nn
 
 from socarrat.config import ModelSpec
+from socarrat.errors import UserError
 from socarrat.models.text import TextEncoding, build_text_encoder
 from socarrat.models.unet import UNet
 
@@ -32,6 +38,21 @@ class GaussianModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps in [0, train_timesteps) -> (B, C, H, W)."""
         return self.unet(x, t, text)
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.spec.downsampling
+
+    def latent_shape(self, height_px: int, width_px: int) -> tuple[int, int, int]:
+        """(C, H, W) of the state sampled for a height_px x width_px image (pixel space: the same)."""
+        d = self.pixel_multiple
+        if height_px % d or width_px % d:
+            raise UserError(f"size {width_px}x{height_px}: height and width must be multiples of {d} for this model")
+        return self.spec.in_channels, height_px, width_px
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampled state (B, C, H, W) -> pixels (B, 3, H, W) in [-1, 1]: already pixels here."""
+        return x
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
