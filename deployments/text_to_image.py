@@ -10,6 +10,7 @@ only through `socarrat.storage`.
 
 import asyncio
 import base64
+import io
 import json
 import math
 import secrets
@@ -22,8 +23,11 @@ from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
+from starlette.datastructures import UploadFile  # what request.form() returns (FastAPI's is a subclass)
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from PIL import Image
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -31,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
-from socarrat.generator import Generator, Result
+from socarrat.generator import DEFAULT_STEPS, Edit, Generator, Result
 
 # The ingress only awaits the model deployment, so it admits far more requests than a model
 # replica; rejections then happen at the model's queue, where they get an OpenAI error body.
@@ -86,6 +90,7 @@ class ModelCard(BaseModel):
     digest: str
     size_px: int = Field(description="default width and height")
     downsampling: int = Field(description="width and height must be multiples of it")
+    family: Literal["gaussian", "token"] = Field(description="gaussian: ddim/ddpm; token: paella and image edits")
 
 
 class ModelList(BaseModel):
@@ -108,7 +113,7 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0)
     negative_prompt: str = ""
-    sampler: Literal["ddim", "ddpm", "paella"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "paella"] | None = Field(None, description="None: the model's own")
     picard: bool = False
     window: int | None = Field(None, ge=1, description="Picard: steps evaluated per parallel round")
     tolerance: float | None = Field(None, ge=0, description="Picard: convergence tolerance")
@@ -168,10 +173,11 @@ class ImageGenerationRequest(BaseModel):
 
     @field_validator("sampler")
     @classmethod
-    def _sampler(cls, sampler: str) -> str:
-        if sampler == "paella":
-            raise ValueError("sampler 'paella' needs a token model, and this deployment has no token model "
-                             "loaded (it serves a Gaussian diffusion model); use 'ddim' or 'ddpm'")
+    def _sampler(cls, sampler: str | None, info: ValidationInfo) -> str | None:
+        family = info.context["card"].family
+        if sampler is not None and (sampler == "paella") != (family == "token"):
+            own = "'paella'" if family == "token" else "'ddim' or 'ddpm'"
+            raise ValueError(f"sampler {sampler!r} does not apply to the {family}-family model served here; use {own}")
         return sampler
 
     @field_validator("window", "tolerance")
@@ -200,6 +206,46 @@ class ImageGenerationRequest(BaseModel):
             fields |= {"picard": True, "window": self.window, "tolerance": self.tolerance}
         # Unset fields keep SamplerSpec's defaults, so the defaults live in one place.
         return SamplerSpec(**{k: v for k, v in fields.items() if v is not None})
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """`POST /v1/images/edits` (multipart form): OpenAI's `image` and `mask` files with the fields of
+    a generation request, plus `start_step`. As in OpenAI's API, the mask's fully transparent pixels
+    (or, without a mask, the image's) mark what to paint anew; the rest is kept. Token models only.
+    Validate with `context` as for generations, plus "image" and "mask" (PIL images; mask or None)."""
+
+    start_step: int = Field(0, ge=0, description="start from the image's tokens noised to this step's level "
+                            "(structural editing; 0: from noise, keeping only what the mask keeps)")
+    _edit: Edit = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _check_edit(self, info: ValidationInfo) -> "ImageEditRequest":
+        if info.context["card"].family != "token":
+            raise ValueError("image edits need a token-family model; this deployment serves a Gaussian one")
+        image, mask = info.context["image"], info.context["mask"] or info.context["image"]
+        if self.size != f"{image.width}x{image.height}":
+            raise ValueError(f"size {self.size} differs from the image's {image.width}x{image.height}")
+        if mask.size != image.size:
+            raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
+        steps = self.steps or DEFAULT_STEPS["paella"]
+        if self.start_step >= steps:
+            raise ValueError(f"start_step must be below steps ({steps}), got {self.start_step}")
+        alpha = mask.getchannel("A") if "A" in mask.getbands() else Image.new("L", mask.size, 255)
+        marked = alpha.point(lambda a: 255 if a == 0 else 0)
+        self._edit = Edit([image.convert("RGB")] * self.n, [marked] * self.n, self.start_step)
+        return self
+
+    def edit(self) -> Edit:
+        return self._edit
+
+
+def _open_image(data: bytes, what: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception as err:  # any decoder failure is the caller's file
+        raise ValueError(f"the {what} is not a readable image: {err}") from None
 
 
 def _at_most(value: float, cap: float, what: str) -> float:
@@ -266,6 +312,7 @@ class _Job:
     mode: Mode
     arrived_s: float
     answer: asyncio.Future
+    edit: Edit | None = None
 
 
 def _images_in(jobs: Iterable[_Job]) -> int:
@@ -288,7 +335,7 @@ class ImageModel:
         self.generator = Generator.load(args.model_uri)
         spec = self.generator.spec
         self.card = ModelCard(id=self.generator.name, created=int(time.time()), digest=self.generator.digest,
-                              size_px=spec.size_px, downsampling=self.generator.pixel_multiple)
+                              size_px=spec.size_px, downsampling=self.generator.pixel_multiple, family=spec.family)
         self.args = args
         self.ongoing = 0
         self.queue: deque[_Job] = deque()
@@ -297,12 +344,12 @@ class ImageModel:
     def model_card(self) -> ModelCard:
         return self.card
 
-    async def generate(self, request: GenerationRequest) -> Generated:
+    async def generate(self, request: GenerationRequest, edit: Edit | None = None) -> Generated:
         self.ongoing += 1
         try:
             mode, spec = self._mode(request.spec)
             job = _Job(request.model_copy(update={"spec": spec}), mode, time.perf_counter(),
-                       asyncio.get_running_loop().create_future())
+                       asyncio.get_running_loop().create_future(), edit)
             self.queue.append(job)
             if self.runner is None or self.runner.done():
                 self.runner = asyncio.create_task(self._drain())
@@ -348,19 +395,21 @@ class ImageModel:
         return batch
 
     def _run(self, jobs: list[_Job]) -> list[Generated]:
-        groups: dict[SamplerSpec, list[_Job]] = defaultdict(list)
-        for job in jobs:
-            groups[job.request.spec].append(job)
+        groups: dict[tuple[SamplerSpec, int], list[_Job]] = defaultdict(list)
+        for job in jobs:  # an edit brings its own images: it gets a model call of its own
+            groups[job.request.spec, id(job) if job.edit else 0].append(job)
         answers = {}
-        for spec, group in groups.items():
+        for (spec, _), group in groups.items():
             started = time.perf_counter()
             results = self.generator.generate(
                 [p for job in group for p in job.request.prompts], [s for job in group for s in job.request.seeds],
-                spec, [n for job in group for n in job.request.negative_prompts or [""] * len(job.request.prompts)])
+                spec, [n for job in group for n in job.request.negative_prompts or [""] * len(job.request.prompts)],
+                edit=group[0].edit)
             for job in group:
                 mine, results = results[:len(job.request.prompts)], results[len(job.request.prompts):]
                 answers[id(job)] = Generated(mine, GenerationMetadata(
-                    model=self.card.id, model_digest=self.card.digest, mode=job.mode, spec=spec,
+                    model=self.card.id, model_digest=self.card.digest, mode=job.mode,
+                    spec=SamplerSpec.model_validate(mine[0].metadata["spec"]),
                     timings={**mine[0].metadata["timings"], "queue_s": started - job.arrived_s},
                     picard=mine[0].metadata.get("picard")))
         return [answers[id(job)] for job in jobs]
@@ -436,7 +485,30 @@ class ImageAPI:
         started = time.perf_counter()
         context = {"args": self.args, "card": await self.card()}
         body = ImageGenerationRequest.model_validate(await request.json(), context=context)
-        generated = await self._generate(body.generation_request(), body.timeout_s or self.args.request_timeout_s)
+        return await self._answer(body, None, started)
+
+    @api.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses={code: {"model": ErrorResponse} for code in (400, 503, 504)})
+    async def edits(self, request: Request) -> ImagesResponse:
+        """Inpainting and outpainting (send a canvas whose new border is transparent) with a token model."""
+        started = time.perf_counter()
+        form = await request.form()
+        files = {k: await v.read() for k, v in form.multi_items() if isinstance(v, UploadFile) and k in ("image", "mask")}
+        fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+        if "image" not in files:
+            return _error(400, "an image file is required", "invalid_request_error", "image", "missing")
+        try:
+            images = {k: _open_image(data, k) for k, data in files.items()}
+        except ValueError as err:
+            return _error(400, str(err), "invalid_request_error", code="invalid_image")
+        if fields.get("size", "auto") == "auto":
+            fields["size"] = f"{images['image'].width}x{images['image'].height}"
+        context = {"args": self.args, "card": await self.card(), "image": images["image"], "mask": images.get("mask")}
+        body = ImageEditRequest.model_validate(fields, context=context)
+        return await self._answer(body, body.edit(), started)
+
+    async def _answer(self, body: ImageGenerationRequest, edit: Edit | None, started: float) -> ImagesResponse:
+        generated = await self._generate(body.generation_request(), edit, body.timeout_s or self.args.request_timeout_s)
         pngs = await asyncio.to_thread(lambda: [r.png_bytes() for r in generated.results])
         seeds = [r.metadata["seed"] for r in generated.results]
         if body.response_format == "url":
@@ -447,8 +519,8 @@ class ImageAPI:
         return ImagesResponse(created=int(time.time()), data=data,
                               metadata=generated.metadata.model_copy(update={"timings": timings}))
 
-    async def _generate(self, request: GenerationRequest, timeout_s: float) -> Generated:
-        response = self.model.generate.remote(request)
+    async def _generate(self, request: GenerationRequest, edit: Edit | None, timeout_s: float) -> Generated:
+        response = self.model.generate.remote(request, edit)
         try:
             return await asyncio.wait_for(response, timeout_s)
         except asyncio.TimeoutError:

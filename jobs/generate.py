@@ -102,8 +102,9 @@ def run(job: GenerateJob) -> dict[str, Any]:
     # The driver loads the model on the CPU for its digest: a missing or corrupt model, or a size
     # it cannot make, fails here, before any GPU work.
     generator = Generator.load(job.model, device="cpu")
-    generator.image_shape(job.spec)
-    settings = massgen.RunSettings(model_digest=generator.digest, spec=job.spec,
+    spec = generator.resolve(job.spec)  # the model's defaults filled in: keys do not depend on how they were given
+    generator.image_shape(spec)
+    settings = massgen.RunSettings(model_digest=generator.digest, spec=spec,
                                    images_per_prompt=job.images_per_prompt, seed_base=job.seed_base)
     store = storage.open_store(job.out)
     massgen.claim_output(store, settings)

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
@@ -55,13 +56,15 @@ def run(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False) -> TrainR
     return None
 
 
-def _model_spec(text: str | None, size_px: int | None) -> ModelSpec:
+def _model_spec(text: str | None, **overrides: object) -> ModelSpec:
+    """--model-spec (JSON text or file, or a checkpoint's config.json) with the flags set over it."""
     data = {}
     if text:
-        data = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+        if not text.lstrip().startswith("{") and not Path(text).is_file():
+            raise UserError(f"--model-spec {text!r} is neither JSON nor a file")
+        data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
         data = data.get("model", data)  # a checkpoint's config.json works too
-    if size_px:
-        data["size_px"] = size_px
+    data |= {k: v for k, v in overrides.items() if v is not None}
     return ModelSpec.model_validate(data)
 
 
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints")
     p.add_argument("--model-spec", default=None, help="ModelSpec as JSON text or a .json file (default: ModelSpec())")
     p.add_argument("--size-px", type=int, default=None)
+    p.add_argument("--backbone", choices=get_args(ModelSpec.model_fields["backbone"].annotation), default=None,
+                   help="ModelSpec.backbone, over --model-spec's (default: unet)")
+    p.add_argument("--family", choices=get_args(ModelSpec.model_fields["family"].annotation), default=None,
+                   help="ModelSpec.family, over --model-spec's (default: gaussian; token trains VQ, then denoiser)")
     for name, field in TrainConfig.model_fields.items():
         if name in ("shards", "out", "model"):
             continue
@@ -84,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and k != "model"}
-        cfg = TrainConfig(model=_model_spec(args.model_spec, args.size_px), **fields)
+        spec = _model_spec(args.model_spec, size_px=args.size_px, backbone=args.backbone, family=args.family)
+        cfg = TrainConfig(model=spec, **fields)
         run(cfg, args.num_workers, args.use_gpu)
     except (UserError, ValidationError, json.JSONDecodeError) as err:
         print(f"jobs.train: error: {one_line(err)}", file=sys.stderr)

@@ -98,3 +98,45 @@ def tiny_checkpoint(tiny_model, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("checkpoints") / "tiny"
     save_checkpoint(tiny_model, str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_token_model():
+    """A tiny token-family model (VQ + denoiser, 32 px -> 8x8 tokens) with random non-zero weights."""
+    import torch
+
+    from socarrat.config import ModelSpec
+    from socarrat.models import build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(family="token", size_px=32, channels=(16, 32), attention_levels=(1,), heads=2,
+                     token={"codebook_size": 16, "vq_channels": (8, 16), "embed_dim": 8},
+                     text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2})
+    return _randomise(build_model(spec)).eval()
+
+
+@pytest.fixture(scope="session")
+def token_generator(tiny_token_model):
+    from socarrat.generator import Generator
+
+    return Generator(tiny_token_model, digest="1" * 64, name="tiny-token", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_token_checkpoint(tiny_token_model, tmp_path_factory) -> str:
+    from socarrat.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny-token"
+    save_checkpoint(tiny_token_model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models run fastest so, and leave the other cores alone."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

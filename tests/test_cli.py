@@ -50,3 +50,24 @@ def test_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, flags, me
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "socarrat.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_edit_inpaints_outpaints_and_restyles_with_a_token_model(tmp_path, tiny_token_checkpoint, capsys):
+    source = tmp_path / "src.png"
+    assert main(["generate", "--prompt", "a red circle", "--model", tiny_token_checkpoint, "--out", str(source)]) == 0
+    assert json.loads(Image.open(source).text["socarrat"])["spec"]["sampler"] == "paella"
+    mask = tmp_path / "mask.png"
+    Image.new("L", (32, 32), 0).crop((0, 0, 32, 32)).save(mask)
+    base = ["edit", "--image", str(source), "--prompt", "a blue square", "--model", tiny_token_checkpoint]
+    assert main([*base, "--mask", str(mask), "--out", str(tmp_path / "same.png")]) == 0  # nothing marked: kept
+    assert main([*base, "--outpaint", "0", "16", "0", "0", "--out", str(tmp_path / "wide.png")]) == 0
+    assert main([*base, "--start-step", "6", "--picard", "--out", str(tmp_path / "restyled.png")]) == 0
+    assert Image.open(tmp_path / "wide.png").size == (48, 32) and Image.open(tmp_path / "restyled.png").size == (32, 32)
+    capsys.readouterr()
+    for flags, message in [(["--mask", str(mask), "--outpaint", "1", "1", "1", "1"], "not both"),
+                           (["--image", str(tmp_path / "nope.png")], "cannot read image"),
+                           (["--outpaint", "0", "3", "0", "0"], "multiples of 8"),
+                           (["--sampler", "ddim"], "does not apply")]:
+        assert main([*base, *flags, "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

@@ -267,3 +267,18 @@ def test_a_killed_run_then_a_rerun_ends_with_each_image_once(ray_session, model_
     assert not store.exists("shards/shard-orphan.tar")
     tars = store.list("shards/")
     assert Counter(key for k in tars for key, _ in read_shard(store.url(k))) == Counter(keys)
+
+
+def test_a_token_model_runs_through_the_same_job(ray_session, tiny_token_checkpoint, tmp_path):
+    (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")
+    out = str(tmp_path / "out")
+    summary = run(GenerateJob(prompts=str(tmp_path / "p.txt"), out=out, model=tiny_token_checkpoint,
+                              spec=SamplerSpec(steps=4), batch_size=2, shard_size=4, max_workers=1))
+    assert summary["images_generated"] == 2
+    manifest = pq.read_table(str(Path(out, "manifest"))).to_pylist()
+    assert {(r["sampler"], r["steps"]) for r in manifest} == {("paella", 4)}
+    samples = {key: members for uri in Path(out, "shards").glob("*.tar") for key, members in read_shard(str(uri))}
+    reference = Generator.load(tiny_token_checkpoint, device="cpu")
+    for row in manifest:
+        [want] = reference.generate([row["prompt"]], [row["seed"]], SamplerSpec(steps=4))
+        assert np.array_equal(pixels(samples[row["key"]]["png"]), np.asarray(want.image).astype(int))

@@ -42,7 +42,7 @@ SLOW_STEPS = 100  # about a second per image on this CPU: long enough to pile re
 @dataclass
 class Served:
     base: str  # http://127.0.0.1:<port>/<route>
-    store_uri: str
+    store_uri: str | None
 
     def client(self) -> openai.OpenAI:
         # No retries: the client would otherwise retry 503s by itself, honouring Retry-After.
@@ -67,6 +67,7 @@ def serve_port(s3_server: str):
 class Deployed:
     main: Served
     tight: Served
+    token: Served
     missing_model: Path
     serve_run: subprocess.Popen  # `serve run` of a copy of serve_config.yaml
     serve_run_log: Path
@@ -74,11 +75,12 @@ class Deployed:
 
 
 @pytest.fixture(scope="module")
-def deployed(serve_port: int, tiny_checkpoint: str, tmp_path_factory) -> Deployed:
+def deployed(serve_port: int, tiny_checkpoint: str, tiny_token_checkpoint: str, tmp_path_factory) -> Deployed:
     """Every application of this module, submitted at once: replicas starting up take most of its time.
 
     `main`: generous limits, PNG URLs on the moto S3 server. `tight`: one request in the replica, one
-    queued, Picard always "busy", PNG URLs in a local folder. `broken`: a model path that does not
+    queued, Picard always "busy", PNG URLs in a local folder. `token`: a token-family model, for image
+    edits. `broken`: a model path that does not
     exist. `socarrat`: serve_config.yaml through the `serve run` command line.
     """
     tmp = tmp_path_factory.mktemp("serve")
@@ -99,10 +101,13 @@ def deployed(serve_port: int, tiny_checkpoint: str, tmp_path_factory) -> Deploye
     main = AppArgs(store_uri=f"s3://{bucket}/served", **limits)
     tight = AppArgs(store_uri=str(tmp / "images"), max_ongoing_requests=1, max_queued_requests=1,
                     picard_max_ongoing=0, **limits)
-    serve.run_many([RunTarget(build_app(main), "main", "/main"), RunTarget(build_app(tight), "tight", "/tight")])
+    token = AppArgs(**{**limits, "model_uri": tiny_token_checkpoint})
+    serve.run_many([RunTarget(build_app(main), "main", "/main"), RunTarget(build_app(tight), "tight", "/tight"),
+                    RunTarget(build_app(token), "token", "/token")])
+    url = f"http://127.0.0.1:{serve_port}"
     try:
-        yield Deployed(Served(f"http://127.0.0.1:{serve_port}/main", main.store_uri),
-                       Served(f"http://127.0.0.1:{serve_port}/tight", tight.store_uri), missing, serve_run, log, config)
+        yield Deployed(Served(f"{url}/main", main.store_uri), Served(f"{url}/tight", tight.store_uri),
+                       Served(f"{url}/token", None), missing, serve_run, log, config)
     finally:
         if serve_run.poll() is None:
             serve_run.kill()
@@ -217,7 +222,7 @@ def test_bad_input_through_the_openai_client_and_the_replica_keeps_serving(main:
     client = main.client()
     with pytest.raises(openai.BadRequestError) as err:
         client.images.generate(prompt="x", extra_body={"sampler": "paella"})
-    assert err.value.param == "sampler" and "no token model" in err.value.message
+    assert err.value.param == "sampler" and "does not apply to the gaussian-family model" in err.value.message
     assert len(client.images.generate(prompt="x", extra_body={"steps": 2}).data) == 1
 
 
@@ -230,6 +235,62 @@ def test_url_responses_land_in_the_object_store(request: pytest.FixtureRequest, 
     url = by_url.data[0].url
     assert url.startswith(storage.open_store(served.store_uri).uri + "/images/")
     assert np.array_equal(pixels(storage.read_bytes(url)), b64_pixels(by_value)[0])
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_token_model_serves_paella_and_edits_through_the_openai_client(deployed: Deployed):
+    client = deployed.token.client()
+    made = client.images.generate(prompt="a red circle", extra_body={"seed": 1})
+    assert metadata(made)["spec"]["sampler"] == "paella" and metadata(made)["spec"]["steps"] == 12
+    source = base64.b64decode(made.data[0].b64_json)
+    opaque, clear = Image.new("RGBA", (32, 32), (0, 0, 0, 255)), Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+
+    def edit(mask: Image.Image, **fields):
+        return client.images.edit(image=("src.png", source), mask=("mask.png", png(mask)), prompt="a blue square",
+                                  extra_body=fields)
+
+    kept = [b64_pixels(edit(opaque, seed=s))[0] for s in (1, 2)]  # nothing marked: every token kept
+    assert np.array_equal(*kept)
+    fresh = [b64_pixels(edit(clear, seed=s))[0] for s in (1, 2)]  # all marked: a new image per seed
+    assert not np.array_equal(*fresh)
+    half = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    half.paste((0, 0, 0, 0), (0, 0, 16, 32))
+    sequential = edit(half, seed=4, start_step=3)
+    picard = edit(half, seed=4, start_step=3, picard=True, window=4)
+    assert np.array_equal(b64_pixels(sequential)[0], b64_pixels(picard)[0]) and metadata(picard)["picard"]["rounds"] <= 9
+    wide = Image.new("RGBA", (48, 32), (0, 0, 0, 0))  # outpainting: the transparent border is painted
+    wide.paste(Image.open(io.BytesIO(source)).convert("RGBA"), (8, 0))
+    grown = client.images.edit(image=("wide.png", png(wide)), prompt="a blue square", n=2)
+    assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json))).size for d in grown.data] == [(48, 32)] * 2
+
+
+@pytest.mark.parametrize("files, fields, param, message", [
+    ({}, {"prompt": "x"}, "image", "an image file is required"),
+    ({"image": b"not a png"}, {"prompt": "x"}, None, "not a readable image"),
+    ({"image": "32x32", "mask": "16x16"}, {"prompt": "x"}, None, "the mask is 16x16"),
+    ({"image": "32x32"}, {"prompt": "x", "size": "16x16"}, None, "differs from the image's 32x32"),
+    ({"image": "30x32"}, {"prompt": "x"}, "size", "multiple of 8"),
+    ({"image": "32x32"}, {"prompt": "x", "start_step": "12"}, None, "start_step must be below steps (12)"),
+    ({"image": "32x32"}, {"prompt": "x", "sampler": "ddim"}, "sampler", "does not apply"),
+])
+def test_bad_edits_get_400(deployed: Deployed, files, fields, param, message):
+    encoded = {k: (f"{k}.png", v if isinstance(v, bytes) else png(Image.new("RGBA", tuple(map(int, v.split("x"))))))
+               for k, v in files.items()}
+    response = requests.post(f"{deployed.token.base}/v1/images/edits", files=encoded, data=fields)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and (param is None or error["param"] == param)
+
+
+def test_edits_need_a_token_model(main: Served):
+    response = requests.post(f"{main.base}/v1/images/edits", files={"image": ("i.png", png(Image.new("RGB", (32, 32))))},
+                             data={"prompt": "x"})
+    assert response.status_code == 400 and "token-family model" in response.json()["error"]["message"]
 
 
 def test_picard_in_replica_matches_sequential(main: Served):

@@ -3,7 +3,9 @@
 `config.json` holds the `ModelSpec` and the sha256 of the weights; it is written last, so a
 checkpoint whose config exists is complete. Remote checkpoints are downloaded once into a local
 cache and verified against that sha256 on every load. Bundled checkpoints live in
-`socarrat/assets/<name>/`. Depends on storage, config and models; knows nothing of Ray.
+`socarrat/assets/<name>/`. A directory or prefix holding a diffusers pipeline (`model_index.json`)
+loads through `socarrat.models.diffusers_adapter` instead. Depends on storage, config and models;
+knows nothing of Ray.
 """
 
 from __future__ import annotations
@@ -55,6 +57,33 @@ def save_checkpoint(model: GaussianModel, uri: str, dtype: torch.dtype = torch.f
     return digest
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("SOCARRAT_CACHE", Path.home() / ".cache" / "socarrat"))
+
+
+def _load_diffusers(uri: str, device: str | torch.device) -> tuple[torch.nn.Module, dict]:
+    """A diffusers pipeline (a directory or s3:// prefix holding model_index.json) through the adapter.
+
+    An s3:// prefix is downloaded into the cache file by file, once: it is taken to be immutable
+    (publish new weights under a new prefix). The digest is the sha256 over the sha256 of every
+    file the adapter reads.
+    """
+    from socarrat.models.diffusers_adapter import DiffusersModel, reads
+
+    store = storage.open_store(uri)
+    keys = [k for k in store.list() if reads(k)]
+    if storage.is_remote(uri):
+        path = _cache_root() / "diffusers" / hashlib.sha256(store.uri.encode()).hexdigest()
+        for key in keys:
+            if not (path / key).is_file():
+                store.get_file(key, path / key)
+    else:
+        path = Path(uri.removeprefix("file://"))
+    digest = hashlib.sha256("".join(f"{k} {sha256_file(path / k)}\n" for k in keys).encode()).hexdigest()
+    model = DiffusersModel.load(path)
+    return model.to(device), {"model": model.spec.model_dump(mode="json"), "sha256": digest}
+
+
 def _local_copy(uri: str) -> Path:
     """A local directory with the checkpoint's two files (downloaded once for s3:// URIs)."""
     if not storage.is_remote(uri):
@@ -64,7 +93,7 @@ def _local_copy(uri: str) -> Path:
         return path
     store = storage.open_store(uri)
     config = json.loads(store.get_bytes(CONFIG))
-    cache = Path(os.environ.get("SOCARRAT_CACHE", Path.home() / ".cache" / "socarrat")) / config["sha256"]
+    cache = _cache_root() / config["sha256"]
     if not (cache / WEIGHTS).is_file() or sha256_file(cache / WEIGHTS) != config["sha256"]:
         store.get_file(WEIGHTS, cache / WEIGHTS)
     (cache / CONFIG).write_text(json.dumps(config))
@@ -72,7 +101,8 @@ def _local_copy(uri: str) -> Path:
 
 
 def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device = "cpu") -> tuple[GaussianModel, dict]:
-    """Load a bundled model by name, a local directory or an s3:// prefix.
+    """Load a bundled model by name, a local directory or an s3:// prefix (a Socarrat checkpoint, or a
+    diffusers pipeline: one with model_index.json).
 
     Returns the model in eval mode (float32 weights on `device`) and its config dict, whose
     "sha256" is the model digest. None means the default bundled model.
@@ -82,6 +112,8 @@ def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device =
     if name_or_uri in bundled:
         path = bundled[name_or_uri]
     elif "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri):
+        if storage.open_store(name_or_uri).exists("model_index.json"):
+            return _load_diffusers(name_or_uri, device)
         path = _local_copy(name_or_uri)
     else:
         raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled ({', '.join(bundled) or 'none bundled'})")

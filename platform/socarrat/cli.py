@@ -24,8 +24,9 @@ def one_line(err: Exception) -> str:
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     """The SamplerSpec flags, shared by every command that samples."""
-    parser.add_argument("--sampler", default="ddim", help="ddim | ddpm")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sampler", default=None, help="ddim | ddpm | paella (default: the model's own: "
+                        "ddim for Gaussian models, paella for token models)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 50 for ddim and ddpm, 12 for paella")
     parser.add_argument("--spacing", default="trailing", help="leading | trailing | linspace")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--height-px", type=int, default=None)
@@ -33,6 +34,9 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--picard", action="store_true", help="Picard (ParaDiGMS) parallel sampling")
     parser.add_argument("--window", type=int, default=32, help="Picard: steps evaluated per model call")
     parser.add_argument("--tolerance", type=float, default=2e-3, help="Picard: accepted change of a state in final-image units; 0 = sequential")
+    parser.add_argument("--temperature", type=float, nargs=2, default=(1.0, 0.5), metavar=("FIRST", "LAST"),
+                        help="paella: sampling temperature at the first and the last step")
+    parser.add_argument("--renoise-steps", type=int, default=None, help="paella: steps followed by re-noising (default: all but the last)")
 
 
 def sampler_spec(args: argparse.Namespace):
@@ -40,21 +44,55 @@ def sampler_spec(args: argparse.Namespace):
 
     return SamplerSpec(sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
                        height_px=args.height_px, width_px=args.width_px, picard=args.picard, window=args.window,
-                       tolerance=args.tolerance)
+                       tolerance=args.tolerance, temperature=tuple(args.temperature), renoise_steps=args.renoise_steps)
+
+
+def _check_out(out: str) -> None:
+    if Path(out).suffix.lower() != ".png":
+        raise UserError(f"--out must end in .png, got {out}")
+
+
+def _save(result, args: argparse.Namespace) -> None:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_bytes(result.png_bytes())
+    m = result.metadata
+    print(f"wrote {args.out} ({m['model']}, {m['spec']['sampler']} {m['spec']['steps']} steps, "
+          f"{result.image.width}x{result.image.height}, seed {args.seed}, {m['timings']['sample_s']:.2f} s)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from socarrat.generator import Generator
 
     spec = sampler_spec(args)  # validate flags before loading anything
-    if Path(args.out).suffix.lower() != ".png":
-        raise UserError(f"--out must end in .png, got {args.out}")
+    _check_out(args.out)
     gen = Generator.load(args.model)
     [result] = gen.generate([args.prompt], [args.seed], spec, [args.negative_prompt], progress=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_bytes(result.png_bytes())
-    t = result.metadata["timings"]
-    print(f"wrote {args.out} ({gen.name}, {spec.sampler} {spec.steps} steps, seed {args.seed}, {t['sample_s']:.2f} s)")
+    _save(result, args)
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from socarrat.generator import Edit, Generator
+
+    def open_image(path: str, mode: str) -> Image.Image:
+        try:
+            return Image.open(path).convert(mode)
+        except OSError as err:
+            raise UserError(f"cannot read image {path}: {err}") from None
+
+    _check_out(args.out)
+    image = open_image(args.image, "RGB")
+    mask = open_image(args.mask, "L") if args.mask else None
+    if args.outpaint:
+        if mask is not None:
+            raise UserError("give --mask or --outpaint, not both")
+        image, mask = Edit.outpaint(image, *args.outpaint)
+    spec = sampler_spec(args).model_copy(update={"height_px": image.height, "width_px": image.width})
+    gen = Generator.load(args.model)
+    edit = Edit([image], [mask] if mask else None, args.start_step)
+    [result] = gen.generate([args.prompt], [args.seed], spec, [args.negative_prompt], progress=True, edit=edit)
+    _save(result, args)
 
 
 def cmd_shapes_shards(args: argparse.Namespace) -> None:
@@ -88,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output .png path")
     add_sampler_flags(gen)
     gen.set_defaults(run=cmd_generate)
+    edit = sub.add_parser("edit", help="inpaint, outpaint or restyle an image with a token model")
+    edit.add_argument("--image", required=True, help="the image to edit (its size is the output size)")
+    edit.add_argument("--mask", default=None, help="white where to paint anew (same size as --image)")
+    edit.add_argument("--outpaint", type=int, nargs=4, metavar=("LEFT", "RIGHT", "TOP", "BOTTOM"), default=None,
+                      help="grow the canvas by these pixels and paint the new border")
+    edit.add_argument("--start-step", type=int, default=0, help="start from the image's tokens noised to this "
+                      "step's level (structural editing; 0 = from noise)")
+    edit.add_argument("--prompt", required=True)
+    edit.add_argument("--negative-prompt", default="")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--model", default="shapes-token", help="a token-family model")
+    edit.add_argument("--out", required=True, help="output .png path")
+    add_sampler_flags(edit)
+    edit.set_defaults(run=cmd_edit)
     shards = sub.add_parser("shapes-shards", help="write the captioned shapes dataset as webdataset shards")
     shards.add_argument("--out", required=True, help="folder or s3:// prefix")
     shards.add_argument("--count", type=int, default=50_000)

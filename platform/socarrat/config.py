@@ -35,10 +35,64 @@ class TextEncoderSpec(_Spec):
         return self
 
 
-class ModelSpec(_Spec):
-    """Architecture + diffusion parameterisation of a Gaussian-family model."""
+class TokenSpec(_Spec):
+    """The token family's VQ tokenizer and token embedding (Paella, arXiv 2211.07292)."""
 
-    family: Literal["gaussian"] = "gaussian"
+    codebook_size: int = Field(256, ge=2, le=65536)
+    code_dim: int = Field(8, ge=1, description="width of a code; codes and encoder outputs are l2-normalised")
+    vq_channels: tuple[int, ...] = Field((32, 64), min_length=1, description="VQ encoder widths; each level after "
+                                         "the first halves the resolution, plus one more halving (f = 2**len)")
+    embed_dim: int = Field(32, ge=4, description="the denoiser's token embedding width")
+
+    @property
+    def downsampling(self) -> int:
+        """Pixels per token along each side (f)."""
+        return 2 ** len(self.vq_channels)
+
+
+class HDiTSpec(_Spec):
+    """Shape of the hourglass diffusion transformer (ModelSpec.backbone 'hdit'; arXiv 2401.11605)."""
+
+    patch_size: int = Field(2, ge=1, description="pixels per token along each side at the ingress")
+    widths: tuple[int, ...] = Field((64, 128), min_length=1, description="token width per level; each level "
+                                    "after the first halves the token map")
+    depths: tuple[int, ...] = Field((2, 3), min_length=1, description="transformer layers per level, on the way "
+                                    "down and again up (the lowest level: once)")
+    head_dim: int = Field(32, ge=4, multiple_of=4)
+    window: int = Field(8, ge=1, description="side in tokens of the local (shifted-window) self-attention of "
+                        "every level but the lowest, which attends globally")
+    cross_attention_levels: tuple[int, ...] = Field((0, 1), description="levels that read the prompt's tokens")
+    mapping_width: int = Field(256, ge=8, multiple_of=2, description="width of the conditioning vector")
+    mapping_depth: int = Field(1, ge=0, description="MLP blocks of the mapping network")
+
+    @property
+    def downsampling(self) -> int:
+        return self.patch_size * 2 ** (len(self.widths) - 1)
+
+    @model_validator(mode="after")
+    def _check(self) -> HDiTSpec:
+        if len(self.depths) != len(self.widths):
+            raise ValueError(f"hdit.depths {self.depths} needs one entry per level of hdit.widths {self.widths}")
+        if any(w % self.head_dim for w in self.widths):
+            raise ValueError(f"hdit.widths {self.widths} must be multiples of hdit.head_dim={self.head_dim}")
+        if bad := [lv for lv in self.cross_attention_levels if not 0 <= lv < len(self.widths)]:
+            raise ValueError(f"hdit.cross_attention_levels {bad} outside 0..{len(self.widths) - 1}")
+        return self
+
+
+class ModelSpec(_Spec):
+    """Architecture + parameterisation of a model.
+
+    family "gaussian": a diffusion model over pixels or latents (`in_channels`); family "token": a
+    Paella-style denoiser over VQ tokens (`token`), whose U-Net uses `channels`, `res_blocks`,
+    `attention_levels` and `heads` and whose noise level is a timestep in [0, train_timesteps).
+    """
+
+    family: Literal["gaussian", "token"] = "gaussian"
+    token: TokenSpec | None = Field(None, description="family 'token': the VQ tokenizer and token embedding")
+    backbone: Literal["unet", "hdit"] = Field("unet", description="the gaussian family's denoiser: 'unet' is "
+                                              "shaped by channels, res_blocks, attention_levels and heads; 'hdit' by hdit")
+    hdit: HDiTSpec | None = Field(None, description="backbone 'hdit': its shape")
     in_channels: int = Field(3, ge=1, description="3 for pixels; latent channels for a latent model")
     size_px: int = Field(32, ge=8, description="default (square) output size")
     channels: tuple[int, ...] = Field((32, 64, 128), min_length=1, description="per level")
@@ -47,20 +101,40 @@ class ModelSpec(_Spec):
     heads: int = Field(4, ge=1)
     text: TextEncoderSpec = TextEncoderSpec()
     prediction: Literal["eps", "v"] = "v"
-    schedule: Literal["linear", "cosine"] = "cosine"
+    schedule: Literal["linear", "cosine", "scaled_linear"] = "cosine"
     train_timesteps: int = Field(1000, ge=2)
     clip_sample: bool = Field(True, description="clamp predicted x0 to [-1, 1] (pixel models)")
 
     @property
     def downsampling(self) -> int:
         """Total downsampling factor: height and width must be multiples of it."""
-        return 2 ** (len(self.channels) - 1)
+        if self.backbone == "hdit":
+            return self.hdit.downsampling
+        return 2 ** (len(self.channels) - 1) * (self.token.downsampling if self.token else 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sub_spec_defaults(cls, data: object) -> object:
+        """family 'token' and backbone 'hdit' bring their sub-spec, by default the default one."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("family") == "token" and data.get("token") is None:
+                data["token"] = {}
+            if data.get("backbone") == "hdit" and data.get("hdit") is None:
+                data["hdit"] = {}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channels)]
         if bad:
             raise ValueError(f"attention_levels {bad} outside 0..{len(self.channels) - 1}")
+        if self.backbone == "hdit" and self.family != "gaussian":
+            raise ValueError(f"backbone 'hdit' is for family 'gaussian' only, not {self.family!r}")
+        if self.token is not None and self.family != "token":
+            raise ValueError("a 'token' spec belongs to family 'token' only")
+        if self.hdit is not None and self.backbone != "hdit":
+            raise ValueError("an 'hdit' spec belongs to backbone 'hdit' only")
         if self.size_px % self.downsampling:
             raise ValueError(f"size_px={self.size_px} is not a multiple of {self.downsampling}")
         return self
@@ -69,8 +143,9 @@ class ModelSpec(_Spec):
 class SamplerSpec(_Spec):
     """How to sample: solver, steps, spacing, guidance and image size."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = Field(50, ge=1)
+    sampler: Literal["ddim", "ddpm", "paella"] | None = Field(
+        None, description="None: the model's own (ddim for Gaussian models, paella for token models)")
+    steps: int | None = Field(None, ge=1, description="None: 50 for ddim and ddpm, 12 for paella")
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale; 1 = off")
     height_px: int | None = Field(None, ge=8, description="None: the model's size_px")
@@ -79,6 +154,15 @@ class SamplerSpec(_Spec):
     window: int = Field(32, ge=1, description="Picard: steps evaluated together per round and sample")
     tolerance: float = Field(2e-3, ge=0, description="Picard: accepted RMS change of a state scaled to the final "
                              "image, x / sqrt(alpha_bar), in data units ([-1, 1] pixels); 0 = the sequential result")
+    temperature: tuple[float, float] = Field((1.0, 0.5), description="paella: sampling temperature at the "
+                                             "first and the last step, linear in between")
+    renoise_steps: int | None = Field(None, ge=0, description="paella: steps followed by re-noising; None: all but the last")
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplerSpec:
+        if min(self.temperature) <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        return self
 
 
 class GenerationRequest(_Spec):

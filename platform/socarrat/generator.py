@@ -11,7 +11,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,13 @@ from PIL import Image, PngImagePlugin
 from socarrat.checkpoint import DEFAULT_MODEL, bundled_models, load_checkpoint
 from socarrat.config import GenerationRequest, ModelSpec, SamplerSpec
 from socarrat.models import GaussianModel, build_model
-from socarrat.sampling import Schedule, cfg_denoiser, draw_noise, make_step, sample
+from socarrat.models.text import TextEncoding
+from socarrat.errors import UserError
+from socarrat.sampling import Schedule, StepFn, cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
+from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step
+
+DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "paella": 12}
 
 # The stand-in used until a default model is bundled: tiny, seeded, so its digest is stable.
 TINY_SPEC = ModelSpec(channels=(16, 32), attention_levels=(1,), heads=2, text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2})
@@ -48,6 +53,64 @@ class Result:
         buf = io.BytesIO()
         self.image.save(buf, format="PNG", pnginfo=info)
         return buf.getvalue()
+
+
+@dataclass
+class Edit:
+    """Images to edit with a token model, one per prompt, at the output size (RGB).
+
+    masks (mode "L", same size; None: none) mark with white the pixels to paint anew: a token is
+    resampled if any of its pixels is marked, every other token is kept (inpainting; outpainting is
+    inpainting of a larger canvas, see `outpaint`). start_step > 0 skips the first steps and starts
+    from the images' tokens, noised to that step's level (structural editing: lower keeps more).
+    """
+
+    images: list[Image.Image]
+    masks: list[Image.Image] | None = None
+    start_step: int = 0
+
+    def pixels(self, tokens_hw: tuple[int, int], f: int) -> torch.Tensor:
+        """The images as (B, 3, H, W) float in [-1, 1]; UserError unless they are H x W."""
+        h, w = tokens_hw[0] * f, tokens_hw[1] * f
+        if any(img.size != (w, h) for img in self.images):
+            raise UserError(f"edit images must be {w}x{h} (the output size), got {sorted({img.size for img in self.images})}")
+        arrays = np.stack([np.asarray(img.convert("RGB")) for img in self.images])
+        return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def keep(self, tokens_hw: tuple[int, int], f: int) -> torch.Tensor:
+        """(B, h, w) bool: the tokens none of whose pixels the masks mark."""
+        h, w = tokens_hw[0] * f, tokens_hw[1] * f
+        if self.masks is None:
+            return torch.zeros(len(self.images), *tokens_hw, dtype=torch.bool)
+        if len(self.masks) != len(self.images) or any(m.size != (w, h) for m in self.masks):
+            raise UserError(f"need one {w}x{h} mask per edit image")
+        marked = torch.from_numpy(np.stack([np.asarray(m.convert("L")) >= 128 for m in self.masks])).float()
+        return torch.nn.functional.max_pool2d(marked[:, None], f)[:, 0] == 0
+
+    @staticmethod
+    def outpaint(image: Image.Image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0) -> tuple[Image.Image, Image.Image]:
+        """(canvas, mask) for outpainting: `image` on a canvas grown by the given pixels, the
+        mask marking the new border."""
+        if min(left, right, top, bottom) < 0:
+            raise UserError("outpainting margins must be >= 0")
+        size = (image.width + left + right, image.height + top + bottom)
+        canvas, mask = Image.new("RGB", size, "white"), Image.new("L", size, 255)
+        canvas.paste(image.convert("RGB"), (left, top))
+        mask.paste(0, (left, top, left + image.width, top + image.height))
+        return canvas, mask
+
+
+@dataclass
+class Blend:
+    """Interpolation between prompts: sample i is conditioned on lerp(prompt i, prompts[i], weights[i])."""
+
+    prompts: list[str]
+    weights: list[float]
+
+    def apply(self, a: TextEncoding, b: TextEncoding) -> TextEncoding:
+        if not len(self.prompts) == len(self.weights) == len(a.tokens):
+            raise UserError(f"blend needs one prompt and one weight per prompt, got {len(self.prompts)} and {len(self.weights)}")
+        return lerp_text(a, b, torch.tensor(self.weights))
 
 
 def default_device() -> torch.device:
@@ -87,6 +150,16 @@ class Generator:
         """(C, H, W) of the state sampled for `spec`; raises UserError for a size it cannot make."""
         return self.model.latent_shape(spec.height_px or self.spec.size_px, spec.width_px or self.spec.size_px)
 
+    def resolve(self, spec: SamplerSpec) -> SamplerSpec:
+        """`spec` with this model's defaults filled in (sampler, steps); UserError for a sampler
+        its family does not have."""
+        token = self.spec.family == "token"
+        sampler = spec.sampler or ("paella" if token else "ddim")
+        if token != (sampler == "paella"):
+            own = "paella" if token else "ddim or ddpm"
+            raise UserError(f"sampler {sampler!r} does not apply to this {self.spec.family}-family model; use {own}")
+        return spec.model_copy(update={"sampler": sampler, "steps": spec.steps or DEFAULT_STEPS[sampler]})
+
     @torch.inference_mode()
     def generate(
         self,
@@ -95,20 +168,27 @@ class Generator:
         spec: SamplerSpec = SamplerSpec(),
         negative_prompts: Sequence[str] | None = None,
         progress: bool = False,
+        edit: Edit | None = None,
+        blend: Blend | None = None,
     ) -> list[Result]:
         """One image per (prompt, seed). The image for (prompt, seed, spec) does not depend on the
-        rest of the batch: noise comes from a per-sample generator and every op is per-sample."""
+        rest of the batch: noise comes from a per-sample generator and every op is per-sample.
+        `edit` (token models) pins or starts from the tokens of given images (see `Edit`); `blend`
+        interpolates each prompt's conditioning towards another prompt's (any model)."""
         request = GenerationRequest(prompts=list(prompts), seeds=list(seeds), negative_prompts=negative_prompts, spec=spec)
+        spec = self.resolve(request.spec)
         shape = self.image_shape(spec)
         negatives = request.negative_prompts or [""] * len(request.prompts)
-        schedule = Schedule.create(self.spec.schedule, self.spec.train_timesteps, spec.spacing, spec.steps)
         t0 = time.perf_counter()
         with self._autocast():
             cond = (self.model.encode(request.prompts), self.model.encode(negatives))
+            if blend is not None:
+                cond = (blend.apply(cond[0], self.model.encode(blend.prompts)), cond[1])
             t1 = time.perf_counter()
-            x, noises = draw_noise(request.seeds, shape, spec.steps, spec.sampler == "ddpm", self.device)
-            step = make_step(spec.sampler, schedule, self.spec.prediction, self.spec.clip_sample)
+            x, schedule, step, noises = self._plan(spec, request.seeds, shape)
             denoise, picard = cfg_denoiser(self.model, spec.guidance), {}
+            if edit is not None:
+                x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, noises, denoise, cond)
             if spec.picard:
                 x, stats = sample_picard(denoise, x, schedule, step, noises, cond, spec.window, spec.tolerance, progress)
                 picard = {"picard": {"rounds": stats.rounds, "evaluations": stats.evaluations}}  # of the whole batch
@@ -126,6 +206,36 @@ class Generator:
             })
             for img, p, n, s in zip(pixels, request.prompts, negatives, request.seeds)
         ]
+
+    def _plan(self, spec: SamplerSpec, seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, Any, StepFn, torch.Tensor | None]:
+        """The starting state, schedule, step function and pre-drawn noise of a resolved spec."""
+        if spec.sampler == "paella":
+            schedule = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps)
+            x, noises = draw_token_noise(seeds, shape, spec.steps, self.model.codebook_size, self.device)
+            return x, schedule, make_token_step(schedule, spec.temperature), noises
+        schedule = Schedule.create(self.spec.schedule, self.spec.train_timesteps, spec.spacing, spec.steps)
+        x, noises = draw_noise(seeds, shape, spec.steps, spec.sampler == "ddpm", self.device)
+        return x, schedule, make_step(spec.sampler, schedule, self.spec.prediction, self.spec.clip_sample), noises
+
+    def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, noises: torch.Tensor, denoise, cond):
+        """Inpainting pins the kept tokens; a start step > 0 begins from the images' tokens, noised
+        with the pre-drawn draws of the step before (where the sequential chain would re-noise)."""
+        if spec.sampler != "paella":
+            raise UserError("image editing needs a token-family model and the paella sampler")
+        if len(edit.images) != len(x):
+            raise UserError(f"{len(edit.images)} edit images for {len(x)} prompts")
+        f = self.spec.token.downsampling
+        known = self.model.tokenize(edit.pixels(x.shape[1:], f).to(self.device))
+        keep = edit.keep(x.shape[1:], f).to(self.device)
+        schedule = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps, edit.start_step)
+        if edit.start_step:
+            full = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps)
+            before, k = noises[edit.start_step - 1], self.model.codebook_size
+            start = (before[:, 2] * k).long().clamp(max=k - 1)
+            x = torch.where(before[:, 1] < float(full.renoise[edit.start_step - 1]), start, known)
+        x = torch.where(keep, known, x)
+        noises = noises[edit.start_step:]
+        return x, schedule, make_token_step(schedule, spec.temperature), noises, constrain(denoise), (known, keep, cond)
 
     def _autocast(self):
         # bf16 on GPU halves memory traffic; on CPU, fp32 keeps results exact for the tests.

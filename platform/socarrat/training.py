@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,7 +27,8 @@ from socarrat import storage
 from socarrat.checkpoint import CONFIG, save_checkpoint
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
-from socarrat.models import GaussianModel, build_model
+from socarrat.models import GaussianModel, TokenModel, build_model
+from socarrat.models.paella import add_noise
 from socarrat.sampling.schedules import alphas_cumprod
 from socarrat.shards import list_shards, read_shard
 
@@ -48,6 +50,8 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     uncond_prob: float = Field(0.1, ge=0, le=1, description="caption dropped (for CFG)")
     min_snr_gamma: float = Field(5.0, gt=0, description="Min-SNR loss weighting (Hang et al. 2023)")
+    vq_steps: int = Field(2000, ge=0, description="token family: the first steps train the VQ tokenizer, "
+                          "the rest the denoiser on its frozen tokens")
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     seed: int = 0
@@ -78,6 +82,55 @@ class GaussianObjective(nn.Module):
         else:
             target, weight = eps, snr.clamp(max=self.gamma) / snr
         return (weight * (out.float() - target) ** 2).mean()
+
+
+class VQObjective(nn.Module):
+    """The token family's first stage: the VQ tokenizer's own loss (captions unused)."""
+
+    def __init__(self, model: TokenModel):
+        super().__init__()
+        self.vq = model.vq
+
+    def forward(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        return self.vq.loss(x0)[0]
+
+
+class TokenObjective(nn.Module):
+    """Paella's loss: noise the (frozen) VQ tokens at a uniform random timestep, predict the clean
+    tokens, cross-entropy over every position (arXiv 2211.07292, sec. 3)."""
+
+    def __init__(self, model: TokenModel, uncond_prob: float):
+        super().__init__()
+        self.model, self.uncond_prob = model, uncond_prob
+
+    def forward(self, x0: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """x0 (B, 3, H, W) in [-1, 1]; returns the scalar loss."""
+        captions = ["" if r < self.uncond_prob else c for r, c in zip(torch.rand(len(x0)).tolist(), captions)]
+        with torch.no_grad():
+            tokens = self.model.tokenize(x0)
+        t = torch.randint(0, self.model.spec.train_timesteps, (len(x0),), device=x0.device)
+        noised = add_noise(tokens, t, self.model.spec.train_timesteps, self.model.codebook_size)
+        return F.cross_entropy(self.model(noised, t, self.model.encode(captions)).float(), tokens)
+
+
+def stage_at(cfg: TrainConfig, step: int) -> tuple[str, int]:
+    """The training stage at `step` and the step it began: the Gaussian family has one stage; the
+    token family trains its VQ for `vq_steps` steps, then the denoiser on the frozen VQ."""
+    if cfg.model.family == "gaussian":
+        return "gaussian", 0
+    return ("vq", 0) if step < cfg.vq_steps else ("denoiser", cfg.vq_steps)
+
+
+def objective_for(stage: str, cfg: TrainConfig, model: nn.Module, ema: nn.Module) -> nn.Module:
+    """The loss module of `stage`. Entering "denoiser" freezes the VQ and copies it into the EMA
+    model: the denoiser learns the tokens of exactly the VQ weights that are saved with it."""
+    if stage == "gaussian":
+        return GaussianObjective(model, cfg.uncond_prob, cfg.min_snr_gamma)
+    if stage == "vq":
+        return VQObjective(model)
+    model.vq.requires_grad_(False).eval()
+    ema.vq.load_state_dict(model.vq.state_dict())
+    return TokenObjective(model, cfg.uncond_prob)
 
 
 @dataclass
@@ -157,17 +210,20 @@ def train(
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-    objective = wrap(GaussianObjective(model, cfg.uncond_prob, cfg.min_snr_gamma).to(device))
-    if cfg.compile:
-        objective = torch.compile(objective)
     data = load_examples(cfg.shards, cfg.model.size_px)
     rng = np.random.default_rng([cfg.seed, rank, start])
     result = TrainResult(start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=rank != 0)
     t0, seen = time.perf_counter(), 0
+    stage = None
     for step in bar:
+        if stage_at(cfg, step)[0] != stage:
+            stage, stage_start = stage_at(cfg, step)
+            objective = wrap(objective_for(stage, cfg, model, ema).to(device))
+            if cfg.compile:
+                objective = torch.compile(objective)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            group["lr"] = cfg.lr * min(1.0, (step - stage_start + 1) / max(1, cfg.warmup_steps))
         x0, captions = data.batch(rng, cfg.batch_size, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = objective(x0, captions)
@@ -175,7 +231,7 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        decay = min(cfg.ema_decay, (1 + step - stage_start) / (10 + step - stage_start))  # short memory early in a stage
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - decay)

@@ -18,18 +18,22 @@ from torch import nn
 
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
+from socarrat.models.hdit import HDiT
+from socarrat.models.paella import TokenModel
 from socarrat.models.text import TextEncoding, build_text_encoder
 from socarrat.models.unet import UNet
 
 
 class GaussianModel(nn.Module):
-    """A text encoder + a UNet that predicts eps or v (`spec.prediction`)."""
+    """A text encoder + a denoiser (`spec.backbone`: UNet or HDiT) that predicts eps or v (`spec.prediction`)."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         self.text = build_text_encoder(spec.text)
-        self.unet = UNet(spec, self.text.width)
+        backbone = {"unet": UNet, "hdit": HDiT}[spec.backbone]
+        # Held under the backbone's own name ("unet", "hdit"): checkpoints' state-dict keys start with it.
+        self.add_module(spec.backbone, backbone(spec, self.text.width))
 
     def encode(self, prompts: Sequence[str]) -> TextEncoding:
         """Prompts (B strings) -> conditioning for `forward`."""
@@ -37,7 +41,7 @@ class GaussianModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps in [0, train_timesteps) -> (B, C, H, W)."""
-        return self.unet(x, t, text)
+        return getattr(self, self.spec.backbone)(x, t, text)
 
     @property
     def pixel_multiple(self) -> int:
@@ -58,6 +62,6 @@ class GaussianModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(spec: ModelSpec) -> GaussianModel:
+def build_model(spec: ModelSpec) -> GaussianModel | TokenModel:
     """A randomly initialised model of the family `spec` describes."""
-    return GaussianModel(spec)
+    return TokenModel(spec) if spec.family == "token" else GaussianModel(spec)

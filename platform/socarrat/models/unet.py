@@ -87,16 +87,17 @@ class AttentionBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """forward(x (B, C, H, W), t (B,), text) -> model output (B, C, H, W), eps or v per the spec."""
+    """forward(x (B, C, H, W), t (B,), text) -> model output (B, C_out, H, W): eps or v per the spec
+    (C_out = C), or a token model's logits (C_out = codebook size)."""
 
-    def __init__(self, spec: ModelSpec, text_width: int):
+    def __init__(self, spec: ModelSpec, text_width: int, in_channels: int | None = None, out_channels: int | None = None):
         super().__init__()
         self.spec = spec
         ch = spec.channels
         emb_dim = 4 * ch[0]
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.text_to_emb = nn.Linear(text_width, emb_dim)
-        self.conv_in = nn.Conv2d(spec.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels or spec.in_channels, ch[0], 3, padding=1)
 
         def level(cin: int, cout: int, lv: int) -> nn.ModuleList:
             blocks = [ResBlock(cin if i == 0 else cout, cout, emb_dim) for i in range(spec.res_blocks)]
@@ -109,7 +110,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(level(2 * c, c, lv) for lv, c in enumerate(ch))
         self.upsample = nn.ModuleList(nn.Conv2d(ch[lv + 1], ch[lv], 3, padding=1) for lv in range(len(ch) - 1))
         self.norm_out = _norm(ch[0])
-        self.conv_out = nn.Conv2d(ch[0], spec.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], out_channels or in_channels or spec.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 

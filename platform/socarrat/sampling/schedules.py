@@ -15,18 +15,21 @@ import torch
 from socarrat.errors import UserError
 
 
-def alphas_cumprod(kind: Literal["linear", "cosine"], train_timesteps: int) -> torch.Tensor:
+def alphas_cumprod(kind: Literal["linear", "cosine", "scaled_linear"], train_timesteps: int) -> torch.Tensor:
     """alpha_bar[t] for t in [0, T): (T,) float64, decreasing from ~1."""
     if kind == "linear":  # DDPM (Ho et al. 2020), rescaled to T as in improved DDPM
         scale = 1000 / train_timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, train_timesteps, dtype=torch.float64)
+        return torch.cumprod(1 - betas, dim=0)
+    if kind == "scaled_linear":  # Stable Diffusion's (latent diffusion's): sqrt(beta) linear, not rescaled
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, train_timesteps, dtype=torch.float64) ** 2
         return torch.cumprod(1 - betas, dim=0)
     if kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999
         s = 0.008
         f = torch.cos((torch.arange(train_timesteps + 1, dtype=torch.float64) / train_timesteps + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         return torch.cumprod(1 - betas, dim=0)
-    raise UserError(f"schedule must be 'linear' or 'cosine', got {kind!r}")
+    raise UserError(f"schedule must be 'linear', 'cosine' or 'scaled_linear', got {kind!r}")
 
 
 def spaced_timesteps(spacing: Literal["leading", "trailing", "linspace"], train_timesteps: int, steps: int) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""A diffusers Stable-Diffusion-style pipeline behind Socarrat's model interface.
+
+One thin wrapper, as k-diffusion adapts every foreign model once: a local diffusers directory
+(`model_index.json` + `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) becomes a
+Gaussian-family model whose `encode` is the CLIP text encoder's hidden states, whose `forward` is
+the UNet's eps or v prediction and whose `decode` is the VAE decoder. Socarrat's own samplers run it.
+
+The scheduler config is read for what the model was trained with (prediction type, betas, train
+timesteps, clipping); how to sample (solver, steps, spacing) is the `SamplerSpec`'s, so the config's
+scheduler class, `timestep_spacing`, `steps_offset` and `set_alpha_to_one` are not used.
+What the samplers cannot reproduce (trained betas, thresholding, zero-terminal-SNR rescaling,
+SDXL's second text encoder, UNets that need added conditioning) is refused with a UserError.
+
+Imports diffusers only when a checkpoint is loaded (the `diffusers` extra); no storage, no Ray.
+`socarrat.checkpoint` finds the directory (downloading an s3:// prefix) and computes the digest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from socarrat.config import ModelSpec
+from socarrat.errors import NotFoundError, UserError
+from socarrat.models.text import TextEncoding
+
+INDEX = "model_index.json"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Weights in other formats, pickled or for other frameworks: the components load safetensors.
+_OTHER_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+# (beta_start, beta_end) of Socarrat's schedule at T train timesteps (its linear one is rescaled to T).
+_BETAS = {"scaled_linear": lambda T: (0.00085, 0.012), "linear": lambda T: (0.1 / T, 20 / T)}
+
+
+def reads(key: str) -> bool:
+    """Whether loading reads the file at `key` (relative, '/'-separated) of a pipeline directory."""
+    return key == INDEX or (key.split("/")[0] in COMPONENTS and not key.endswith(_OTHER_WEIGHTS))
+
+
+def import_diffusers():
+    """The diffusers module, or a UserError saying how to install it."""
+    try:
+        return importlib.import_module("diffusers")
+    except ImportError as err:
+        raise UserError(
+            "this checkpoint is a diffusers pipeline and loading it needs the diffusers package: "
+            "pip install 'socarrat[diffusers]'"
+        ) from err
+
+
+def spec_fields(config: dict) -> dict:
+    """`ModelSpec` fields from a diffusers scheduler config; UserError for what our solvers do not reproduce."""
+    T = config.get("num_train_timesteps", 1000)
+    prediction, beta_schedule = config.get("prediction_type", "epsilon"), config.get("beta_schedule", "linear")
+    problems = []
+    if prediction not in _PREDICTIONS:
+        problems.append(f"prediction_type={prediction!r} (supported: {', '.join(_PREDICTIONS)})")
+    if beta_schedule not in _SCHEDULES:
+        problems.append(f"beta_schedule={beta_schedule!r} (supported: {', '.join(_SCHEDULES)})")
+    elif beta_schedule in _BETAS:
+        betas = (config.get("beta_start", 1e-4), config.get("beta_end", 0.02))
+        expected = _BETAS[beta_schedule](T)
+        if not all(math.isclose(b, e, rel_tol=1e-6) for b, e in zip(betas, expected)):
+            problems.append(f"beta_start, beta_end = {betas} (supported with {beta_schedule} at {T} steps: {expected})")
+    problems += [f"{flag}={config[flag]!r}" for flag in ("trained_betas", "thresholding", "rescale_betas_zero_snr") if config.get(flag)]
+    if config.get("clip_sample") and config.get("clip_sample_range", 1.0) != 1:
+        problems.append(f"clip_sample_range={config['clip_sample_range']} (supported: 1)")
+    if problems:
+        raise UserError(f"scheduler config not supported: {'; '.join(problems)}")
+    return {"prediction": _PREDICTIONS[prediction], "schedule": _SCHEDULES[beta_schedule],
+            "train_timesteps": T, "clip_sample": bool(config.get("clip_sample", False))}
+
+
+class DiffusersModel(nn.Module):
+    """A diffusers UNet2DConditionModel + AutoencoderKL + CLIP text encoder and tokenizer as a
+    Gaussian-family model; `load` reads them from a pipeline directory, the constructor takes them
+    built (with the scheduler's config as a dict).
+
+    `spec` describes what the samplers and `Generator` read (latent channels, default size,
+    prediction, schedule); its architecture fields keep their defaults: the diffusers configs
+    describe these networks.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict):
+        super().__init__()
+        _check_unet(unet.config)
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.spec = ModelSpec(in_channels=unet.config.in_channels, size_px=unet.config.sample_size * self.pixel_multiple,
+                              **spec_fields(scheduler_config))
+
+    @classmethod
+    def load(cls, path: str | Path) -> DiffusersModel:
+        """The pipeline in the local directory `path`, float32 on the CPU."""
+        path = Path(path)
+        if not (path / INDEX).is_file():
+            raise NotFoundError(f"no diffusers pipeline at {path} (expected {path / INDEX})")
+        import_diffusers()
+        index = json.loads((path / INDEX).read_text())
+        if index.get("text_encoder_2"):
+            raise UserError(f"{path}: pipelines with a second text encoder (SDXL) are not supported")
+        components = [_component(path, index, name) for name in ("unet", "vae", "text_encoder", "tokenizer")]
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        return cls(*components, scheduler_config).float().eval().requires_grad_(False)
+
+    def encode(self, prompts: Sequence[str]) -> TextEncoding:
+        """Prompts (B strings) -> the text encoder's last hidden states (B, L, D), as diffusers'
+        StableDiffusionPipeline computes them: padded to the tokenizer's max length, and without an
+        attention mask unless the text encoder's config asks for one."""
+        device = next(self.text_encoder.parameters()).device
+        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").to(device)
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        out = self.text_encoder(batch.input_ids, attention_mask=batch.attention_mask if use_mask else None)
+        return TextEncoding(out.last_hidden_state, out.pooler_output, batch.attention_mask.bool())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
+        """Latents x (B, 4, h, w), t (B,) long timesteps in [0, train_timesteps) -> the UNet's eps or v,
+        in the UNet's dtype. The latents may stay float32 around a half-precision UNet: Picard's
+        tolerance (2e-3 after dividing by sqrt(alpha_bar) ~ 0.07) is below fp16's resolution of them."""
+        dtype = self.unet.dtype
+        return self.unet(x.to(dtype), t, encoder_hidden_states=text.tokens.to(dtype), return_dict=False)[0]
+
+    @property
+    def pixel_multiple(self) -> int:
+        """The VAE's downsampling factor: image sides must be multiples of it."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height_px: int, width_px: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for a height_px x width_px image."""
+        f = self.pixel_multiple
+        if height_px % f or width_px % f:
+            raise UserError(f"size {width_px}x{height_px}: height and width must be multiples of {f} for this model")
+        return self.spec.in_channels, height_px // f, width_px // f
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> pixels (B, 3, h * f, w * f), about [-1, 1] (not clamped)."""
+        return self.vae.decode(x / self.vae.config.scaling_factor, return_dict=False)[0]
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _component(path: Path, index: dict, name: str):
+    """Component `name`, loaded by the class model_index.json names for it (as diffusers does)."""
+    library, class_name = index.get(name) or (None, None)
+    if class_name is None or not (path / name).is_dir():
+        raise NotFoundError(f"diffusers pipeline at {path} has no {name!r} component (model_index.json and {path / name})")
+    cls = getattr(importlib.import_module(library), class_name)
+    kwargs = {} if name == "tokenizer" else {"use_safetensors": True}
+    return cls.from_pretrained(path / name, local_files_only=True, **kwargs)
+
+
+def _check_unet(config) -> None:
+    """UserError for a UNet that needs inputs beyond (latents, timestep, text hidden states)."""
+    extra = [k for k in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim") if config.get(k) is not None]
+    if config.in_channels != config.out_channels:
+        extra.append(f"in_channels={config.in_channels} != out_channels={config.out_channels} (inpainting)")
+    if extra:
+        raise UserError(f"UNets with {', '.join(extra)} are not supported (text-to-image UNets only)")
