@@ -3,7 +3,8 @@
 `build_app(args)` wires two deployments. `ImageAPI`, the FastAPI ingress, validates a request once
 (OpenAI's fields plus seed, steps, guidance, sampler, Picard), turns it into a `GenerationRequest`
 and stores or encodes the PNGs. `ImageModel` loads the model once per replica and batches the
-requests queued in it, calling `Generator.generate` once per sampler spec (which includes the size).
+requests queued in it, calling `Generator.generate` once per sampler spec (which includes the size);
+with `picard_actors`, Picard requests run on the replica's `socarrat.parallel.PicardGroup`.
 Pixels are `Generator`'s business: this module holds no sampling code and reaches object storage
 only through `socarrat.storage`.
 """
@@ -36,12 +37,13 @@ from ray.serve.handle import DeploymentHandle
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
 from socarrat.generator import DEFAULT_STEPS, Edit, Generator, Result
+from socarrat.parallel import PicardGroup, WorkerLostError
 
 # The ingress only awaits the model deployment, so it admits far more requests than a model
 # replica; rejections then happen at the model's queue, where they get an OpenAI error body.
 INGRESS_MAX_ONGOING_REQUESTS = 1024
 
-Mode = Literal["sequential", "picard-replica", "sequential-busy"]
+Mode = Literal["sequential", "picard-replica", "picard-group", "sequential-busy"]
 
 
 class AppArgs(BaseModel):
@@ -69,6 +71,10 @@ class AppArgs(BaseModel):
     picard_max_ongoing: int = Field(
         1, ge=0, description="Picard runs in-replica only while the replica holds at most this many "
         "requests (the one asking included); beyond that it falls back to batched sequential sampling")
+    picard_actors: int = Field(
+        0, ge=0, description="Picard runs on a group of this many Ray actors per model replica, each "
+        "holding the model and evaluating its share of every round; 0: in the replica itself")
+    picard_gpus_per_actor: float = Field(1, ge=0, description="per Picard actor; fractions share a GPU; 0: on CPUs")
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
@@ -336,6 +342,9 @@ class ImageModel:
         spec = self.generator.spec
         self.card = ModelCard(id=self.generator.name, created=int(time.time()), digest=self.generator.digest,
                               size_px=spec.size_px, downsampling=self.generator.pixel_multiple, family=spec.family)
+        # The actors load the replica's checkpoint by name, checked by digest; they die with the replica.
+        self.group = PicardGroup(self.generator.name, args.picard_actors, args.picard_gpus_per_actor,
+                                 digest=self.generator.digest) if args.picard_actors else None
         self.args = args
         self.ongoing = 0
         self.queue: deque[_Job] = deque()
@@ -361,7 +370,7 @@ class ImageModel:
         if not spec.picard:
             return "sequential", spec
         if self.ongoing <= self.args.picard_max_ongoing:
-            return "picard-replica", spec
+            return "picard-group" if self.group else "picard-replica", spec
         # Picard spends extra model evaluations to cut latency; under load they are better spent on
         # other requests, and its converged result is the sequential one anyway.
         return "sequential-busy", spec.model_copy(update={"picard": False})
@@ -394,17 +403,21 @@ class ImageModel:
                 batch.append(job)
         return batch
 
-    def _run(self, jobs: list[_Job]) -> list[Generated]:
+    def _run(self, jobs: list[_Job]) -> list[Generated | Exception]:
         groups: dict[tuple[SamplerSpec, int], list[_Job]] = defaultdict(list)
         for job in jobs:  # an edit brings its own images: it gets a model call of its own
             groups[job.request.spec, id(job) if job.edit else 0].append(job)
         answers = {}
         for (spec, _), group in groups.items():
             started = time.perf_counter()
-            results = self.generator.generate(
-                [p for job in group for p in job.request.prompts], [s for job in group for s in job.request.seeds],
-                spec, [n for job in group for n in job.request.negative_prompts or [""] * len(job.request.prompts)],
-                edit=group[0].edit)
+            try:
+                results = self.generator.generate(
+                    [p for job in group for p in job.request.prompts], [s for job in group for s in job.request.seeds],
+                    spec, [n for job in group for n in job.request.negative_prompts or [""] * len(job.request.prompts)],
+                    edit=group[0].edit, denoiser=self.group.conditioned if self.group and spec.picard else None)
+            except Exception as err:  # only this model call's requests fail (a lost Picard actor, say)
+                answers.update((id(job), err) for job in group)
+                continue
             for job in group:
                 mine, results = results[:len(job.request.prompts)], results[len(job.request.prompts):]
                 answers[id(job)] = Generated(mine, GenerationMetadata(
@@ -531,6 +544,9 @@ class ImageAPI:
                                 err.retry_after_s) from None
         except DeploymentUnavailableError as err:
             raise _ServiceError(503, "unavailable", f"the model is not available: {err}") from None
+        except WorkerLostError:
+            raise _ServiceError(503, "worker_lost", "a Picard worker was lost while making this request, which "
+                                "produced no image; retry it", self.args.retry_after_s) from None
 
     def _publish(self, pngs: list[bytes]) -> list[str]:
         request_id = uuid.uuid4().hex

@@ -1,10 +1,16 @@
-"""Picard over a group of Ray actors: equals the in-process sampler; a killed actor fails the
-request with a clear error (never a wrong image) and the group recovers for the next request."""
+"""Picard over a group of Ray actors: equals the in-process sampler, also as `Generator`'s denoiser
+for Gaussian and token models (edits included); a killed actor fails the request with a clear error
+(never a wrong image) and the group recovers for the next request."""
 
+from contextlib import contextmanager
+
+import numpy as np
 import pytest
 import ray
 import torch
 
+from socarrat.config import SamplerSpec
+from socarrat.generator import Edit
 from socarrat.parallel import PicardGroup, WorkerLostError
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step
 from socarrat.sampling.picard import sample_picard
@@ -25,6 +31,11 @@ def group(tiny_model):
     finally:
         torch.set_num_threads(threads)
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def token_group(group, tiny_token_model):
+    return PicardGroup(tiny_token_model, actors=2, num_cpus_per_actor=0.5)
 
 
 def request(model, sampler="ddpm"):
@@ -69,3 +80,51 @@ def test_killed_actor_fails_the_request_and_the_group_recovers(group, tiny_model
         remote, _ = sample_picard(denoise, x, schedule, step, noises, rows, WINDOW, 1e-3)
     assert group.actors[1] is not victim
     torch.testing.assert_close(remote, local, atol=1e-4, rtol=0)
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image, dtype=int)
+
+
+def recording(source, rows: list[int]):
+    """`source` (a DenoiserSource) that appends the rows of each model call it makes to `rows`."""
+
+    @contextmanager
+    def conditioned(cond, guidance):
+        with source(cond, guidance) as (denoise, remote_cond):
+            yield (lambda x, t, c: rows.append(len(x)) or denoise(x, t, c)), remote_cond
+
+    return conditioned
+
+
+def test_generator_on_the_group_equals_in_process(group, tiny_generator):
+    prompts, seeds = ["a red circle", "two blue squares", "a green triangle"], [1, 2, 3]
+    spec = SamplerSpec(sampler="ddpm", steps=STEPS, picard=True, window=WINDOW, tolerance=0.0)
+    here = tiny_generator.generate(prompts, seeds, spec)
+    rows = []
+    there = tiny_generator.generate(prompts, seeds, spec, denoiser=recording(group.conditioned, rows))
+    sequential_spec = spec.model_copy(update={"picard": False})
+    sequential = tiny_generator.generate(prompts, seeds, sequential_spec, denoiser=group.conditioned)
+    for a, b, c in zip(here, there, sequential):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1 and np.abs(pixels(a) - pixels(c)).max() <= 1  # float rounding
+    assert 1 < there[0].metadata["picard"]["rounds"] == len(rows) <= STEPS
+    assert sum(rows) == there[0].metadata["picard"]["evaluations"]  # every evaluation ran on the group
+
+
+def test_token_edit_on_the_group_equals_in_process(token_group, token_generator):
+    [source] = token_generator.generate(["a red circle"], [1])
+    canvas, mask = Edit.outpaint(source.image.crop((0, 0, 16, 32)), right=16)
+    edit, spec = Edit([canvas] * 2, [mask] * 2, start_step=3), SamplerSpec(picard=True, window=WINDOW)
+    here = token_generator.generate(["a blue square"] * 2, [4, 5], spec, edit=edit)
+    rows = []
+    there = token_generator.generate(["a blue square"] * 2, [4, 5], spec, edit=edit,
+                                     denoiser=recording(token_group.conditioned, rows))
+    for a, b in zip(here, there):  # tokens: exactly the same image
+        assert np.array_equal(pixels(a), pixels(b))
+    assert there[0].metadata["picard"]["rounds"] == len(rows) > 1
+    assert sum(rows) == there[0].metadata["picard"]["evaluations"]
+
+
+def test_actors_refuse_a_checkpoint_with_another_digest(group, tiny_checkpoint):
+    with pytest.raises(ray.exceptions.RayActorError, match=r"now has digest [0-9a-f]{64}, not the expected 0{64}"):
+        PicardGroup(tiny_checkpoint, actors=1, num_cpus_per_actor=0, digest="0" * 64)

@@ -52,8 +52,10 @@ class Served:
 @pytest.fixture(scope="module")
 def serve_port(s3_server: str):
     """Serve on a free loopback port. Ray starts after the S3 server, so replicas inherit its AWS_*
-    settings; one logical GPU lets serve_config.yaml's `num_gpus: 1` replica be placed (on the CPU)."""
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
+    settings; one logical GPU lets serve_config.yaml's `num_gpus: 1` replica be placed (on the CPU).
+    Logical CPUs: one per model replica of the four apps with a model, and three for `group`'s
+    replica and its two Picard actors."""
+    ray.init(address="local", num_cpus=7, num_gpus=1, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -68,6 +70,7 @@ class Deployed:
     main: Served
     tight: Served
     token: Served
+    group: Served
     missing_model: Path
     serve_run: subprocess.Popen  # `serve run` of a copy of serve_config.yaml
     serve_run_log: Path
@@ -80,7 +83,7 @@ def deployed(serve_port: int, tiny_checkpoint: str, tiny_token_checkpoint: str, 
 
     `main`: generous limits, PNG URLs on the moto S3 server. `tight`: one request in the replica, one
     queued, Picard always "busy", PNG URLs in a local folder. `token`: a token-family model, for image
-    edits. `broken`: a model path that does not
+    edits. `group`: Picard on a group of two CPU actors. `broken`: a model path that does not
     exist. `socarrat`: serve_config.yaml through the `serve run` command line.
     """
     tmp = tmp_path_factory.mktemp("serve")
@@ -102,12 +105,13 @@ def deployed(serve_port: int, tiny_checkpoint: str, tiny_token_checkpoint: str, 
     tight = AppArgs(store_uri=str(tmp / "images"), max_ongoing_requests=1, max_queued_requests=1,
                     picard_max_ongoing=0, **limits)
     token = AppArgs(**{**limits, "model_uri": tiny_token_checkpoint})
+    group = AppArgs(picard_actors=2, picard_gpus_per_actor=0, **limits)
     serve.run_many([RunTarget(build_app(main), "main", "/main"), RunTarget(build_app(tight), "tight", "/tight"),
-                    RunTarget(build_app(token), "token", "/token")])
+                    RunTarget(build_app(token), "token", "/token"), RunTarget(build_app(group), "group", "/group")])
     url = f"http://127.0.0.1:{serve_port}"
     try:
         yield Deployed(Served(f"{url}/main", main.store_uri), Served(f"{url}/tight", tight.store_uri),
-                       Served(f"{url}/token", None), missing, serve_run, log, config)
+                       Served(f"{url}/token", None), Served(f"{url}/group", None), missing, serve_run, log, config)
     finally:
         if serve_run.poll() is None:
             serve_run.kill()
@@ -300,6 +304,43 @@ def test_picard_in_replica_matches_sequential(main: Served):
     assert metadata(picard)["mode"] == "picard-replica" and metadata(sequential)["mode"] == "sequential"
     assert metadata(picard)["picard"]["rounds"] >= 2 and metadata(sequential).get("picard") is None
     assert np.abs(b64_pixels(picard)[0] - b64_pixels(sequential)[0]).max() <= 1
+
+
+SEQUENTIAL_FIELDS = {"seed": 3, "steps": 8, "sampler": "ddpm"}
+PICARD_FIELDS = {**SEQUENTIAL_FIELDS, "picard": True, "window": 4, "tolerance": 0.0}
+
+
+def test_picard_on_an_actor_group_matches_in_replica_and_sequential(deployed: Deployed):
+    client = deployed.group.client()
+    grouped = client.images.generate(prompt="x", extra_body=PICARD_FIELDS)
+    sequential = client.images.generate(prompt="x", extra_body=SEQUENTIAL_FIELDS)
+    in_replica = deployed.main.client().images.generate(prompt="x", extra_body=PICARD_FIELDS)
+    assert metadata(grouped)["mode"] == "picard-group" and metadata(in_replica)["mode"] == "picard-replica"
+    assert metadata(grouped)["picard"]["rounds"] >= 2
+    for other in (in_replica, sequential):  # float rounding: the actors evaluate other batch sizes
+        assert np.abs(b64_pixels(grouped)[0] - b64_pixels(other)[0]).max() <= 1
+
+
+def _picard_actors() -> list[tuple[str, str]]:
+    """(name, namespace) of the Picard actors alive in the cluster: those of the `group` app's replica."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return sorted((a["name"], a["namespace"]) for a in named if a["name"].startswith("picard-"))
+
+
+def test_lost_group_actor_gets_503_and_the_group_replaces_it(deployed: Deployed):
+    client = deployed.group.client()
+    before = client.images.generate(prompt="x", extra_body=PICARD_FIELDS)
+    victim, survivor = _picard_actors()
+    ray.kill(ray.get_actor(*victim), no_restart=True)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.images.generate(prompt="x", extra_body=PICARD_FIELDS)
+    assert err.value.status_code == 503 and err.value.code == "worker_lost" and err.value.type == "server_error"
+    assert err.value.response.headers["Retry-After"] == "1" and "retry it" in err.value.message
+    after = client.images.generate(prompt="x", extra_body=PICARD_FIELDS)
+    assert metadata(after)["mode"] == "picard-group"
+    assert np.array_equal(b64_pixels(after)[0], b64_pixels(before)[0])
+    actors = _picard_actors()
+    assert len(actors) == 2 and survivor in actors and victim not in actors
 
 
 def test_busy_replica_falls_back_to_batched_sequential(tight: Served):

@@ -10,8 +10,9 @@ import hashlib
 import io
 import json
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,11 +23,16 @@ from socarrat.config import GenerationRequest, ModelSpec, SamplerSpec
 from socarrat.models import GaussianModel, build_model
 from socarrat.models.text import TextEncoding
 from socarrat.errors import UserError
-from socarrat.sampling import Schedule, StepFn, cfg_denoiser, draw_noise, make_step, sample
+from socarrat.sampling import Denoise, Schedule, StepFn, cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step
 
 DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "paella": 12}
+
+# Where a request's model evaluations run: called with its conditioning ((positive, negative)
+# encodings) and guidance, it yields the CFG denoiser and the conditioning that the sampler hands it.
+# `socarrat.parallel.PicardGroup.conditioned` runs them on Ray actors; None: on this Generator's model.
+DenoiserSource = Callable[[Any, float], AbstractContextManager[tuple[Denoise, Any]]]
 
 # The stand-in used until a default model is bundled: tiny, seeded, so its digest is stable.
 TINY_SPEC = ModelSpec(channels=(16, 32), attention_levels=(1,), heads=2, text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2})
@@ -170,11 +176,13 @@ class Generator:
         progress: bool = False,
         edit: Edit | None = None,
         blend: Blend | None = None,
+        denoiser: DenoiserSource | None = None,
     ) -> list[Result]:
         """One image per (prompt, seed). The image for (prompt, seed, spec) does not depend on the
         rest of the batch: noise comes from a per-sample generator and every op is per-sample.
         `edit` (token models) pins or starts from the tokens of given images (see `Edit`); `blend`
-        interpolates each prompt's conditioning towards another prompt's (any model)."""
+        interpolates each prompt's conditioning towards another prompt's (any model). `denoiser`
+        evaluates the model elsewhere (see `DenoiserSource`); it must hold this Generator's model."""
         request = GenerationRequest(prompts=list(prompts), seeds=list(seeds), negative_prompts=negative_prompts, spec=spec)
         spec = self.resolve(request.spec)
         shape = self.image_shape(spec)
@@ -186,14 +194,15 @@ class Generator:
                 cond = (blend.apply(cond[0], self.model.encode(blend.prompts)), cond[1])
             t1 = time.perf_counter()
             x, schedule, step, noises = self._plan(spec, request.seeds, shape)
-            denoise, picard = cfg_denoiser(self.model, spec.guidance), {}
-            if edit is not None:
-                x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, noises, denoise, cond)
-            if spec.picard:
-                x, stats = sample_picard(denoise, x, schedule, step, noises, cond, spec.window, spec.tolerance, progress)
-                picard = {"picard": {"rounds": stats.rounds, "evaluations": stats.evaluations}}  # of the whole batch
-            else:
-                x = sample(denoise, x, schedule, step, noises, cond, progress)
+            picard = {}
+            with (denoiser or self._local_denoiser)(cond, spec.guidance) as (denoise, cond):
+                if edit is not None:
+                    x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, noises, denoise, cond)
+                if spec.picard:
+                    x, stats = sample_picard(denoise, x, schedule, step, noises, cond, spec.window, spec.tolerance, progress)
+                    picard = {"picard": {"rounds": stats.rounds, "evaluations": stats.evaluations}}  # of the whole batch
+                else:
+                    x = sample(denoise, x, schedule, step, noises, cond, progress)
             t2 = time.perf_counter()
             x = self.model.decode(x)
         pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -216,6 +225,9 @@ class Generator:
         schedule = Schedule.create(self.spec.schedule, self.spec.train_timesteps, spec.spacing, spec.steps)
         x, noises = draw_noise(seeds, shape, spec.steps, spec.sampler == "ddpm", self.device)
         return x, schedule, make_step(spec.sampler, schedule, self.spec.prediction, self.spec.clip_sample), noises
+
+    def _local_denoiser(self, cond: Any, guidance: float) -> AbstractContextManager[tuple[Denoise, Any]]:
+        return nullcontext((cfg_denoiser(self.model, guidance), cond))
 
     def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, noises: torch.Tensor, denoise, cond):
         """Inpainting pins the kept tokens; a start step > 0 begins from the images' tokens, noised

@@ -1,10 +1,12 @@
 """Picard rounds sharded over a group of Ray actors that each hold the model.
 
 `PicardGroup` starts K actors (`num_gpus_per_actor=1/K` shares one GPU; 0 runs them on CPUs); each
-loads the model once. `group.conditioned(cond, guidance)` sends one request's conditioning to every
-actor once and yields a `denoise` callable and a stand-in for the conditioning, which
-`socarrat.sampling.picard.sample_picard` (or `sample`) takes in place of a local denoiser and
-`cond`. Per round only the window's states, timesteps and row numbers travel to the actors, and
+loads the model once, of any family. `group.conditioned(cond, guidance)` sends one request's
+conditioning to every actor once and yields a `denoise` callable and a stand-in for the
+conditioning, which `socarrat.sampling.picard.sample_picard` (or `sample`) takes in place of a
+local denoiser and `cond`; it is a `socarrat.generator.DenoiserSource`, so
+`generator.generate(..., denoiser=group.conditioned)` runs a whole request, edits included, on the
+group. Per round only the window's states, timesteps and row numbers travel to the actors, and
 their model outputs travel back.
 
 A lost actor fails the request with `WorkerLostError`, never with a partial or silently wrong
@@ -23,7 +25,6 @@ import torch
 from ray.exceptions import RayActorError
 
 from socarrat.errors import UserError
-from socarrat.models import GaussianModel
 from socarrat.sampling import Denoise, cfg_denoiser
 from socarrat.sampling.picard import take_rows
 
@@ -47,11 +48,15 @@ class RemoteRows:
 class DenoiseActor:
     """One model replica on the GPU (share) Ray gave it, or on the CPU where there is none."""
 
-    def __init__(self, model: str | GaussianModel):
+    def __init__(self, model: str | torch.nn.Module, digest: str | None):
         from socarrat.checkpoint import load_checkpoint
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_checkpoint(model)[0] if isinstance(model, str) else model
+        if isinstance(model, str):
+            uri, (model, config) = model, load_checkpoint(model)
+            # A checkpoint replaced at its URI after the caller loaded it would give other images.
+            if digest is not None and config["sha256"] != digest:
+                raise UserError(f"checkpoint {uri} now has digest {config['sha256']}, not the expected {digest}")
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.requests: dict[str, tuple[Denoise, Any]] = {}
 
@@ -84,22 +89,26 @@ class PicardGroup:
     """K actors that evaluate the rows of each Picard round together.
 
     `model`: a checkpoint name or URI that each actor loads (`socarrat.checkpoint`), or a model
-    object, shipped once through the object store.
+    object on the CPU, shipped once through the object store; `digest`: the sha256 the checkpoint
+    must have (`Generator.digest`), so that actors started later cannot load other weights. Actors
+    are named "picard-<random>" (in the caller's namespace), so `ray list actors` shows them.
     """
 
     def __init__(
-        self, model: str | GaussianModel, actors: int, num_gpus_per_actor: float = 0.0, num_cpus_per_actor: float = 1.0
+        self, model: str | torch.nn.Module, actors: int, num_gpus_per_actor: float = 0.0,
+        num_cpus_per_actor: float = 1.0, digest: str | None = None,
     ):
         if actors < 1:
             raise UserError(f"actors must be >= 1, got {actors}")
         self._model = model if isinstance(model, str) else ray.put(model)
-        self._options = {"num_gpus": num_gpus_per_actor, "num_cpus": num_cpus_per_actor}
+        self._options, self._digest = {"num_gpus": num_gpus_per_actor, "num_cpus": num_cpus_per_actor}, digest
         self.actors = [self._start() for _ in range(actors)]
         self._lost: set[int] = set()
         ray.get([a.__ray_ready__.remote() for a in self.actors])  # a model that fails to load raises here
 
     def _start(self) -> ray.actor.ActorHandle:
-        return DenoiseActor.options(**self._options).remote(self._model)
+        name = f"picard-{uuid.uuid4().hex[:12]}"
+        return DenoiseActor.options(name=name, **self._options).remote(self._model, self._digest)
 
     @contextmanager
     def conditioned(self, cond: Any, guidance: float) -> Iterator[tuple[Denoise, RemoteRows]]:

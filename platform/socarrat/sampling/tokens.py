@@ -9,7 +9,10 @@ as is, and `sample_picard` runs it as an exact Jacobi iteration (`picard.py`).
 All randomness is drawn up front per sample (`draw_token_noise`): the starting tokens, one uniform
 per token and step for the categorical draw (inverse CDF), one per token and step for the re-noise
 mask. Sampling is then a fixed map of the step index, so a parallel fixed-point iteration reaches
-the IDENTICAL tokens, and a sample does not depend on the rest of its batch.
+the IDENTICAL tokens, and a sample does not depend on the rest of its batch, provided the model's
+logits for a state are the same whatever else is in its batch. Float32 kernels do not promise that:
+a different batch size can move logits by ~1e-5 (measured on the CPU), and a token whose uniform
+lies that close to a CDF boundary then flips (4 of 1,024 tokens in one measured case).
 
 Editing: `constrain` pins known tokens (inpainting, and outpainting: inpainting of a larger
 canvas), `TokenSchedule.create(..., start=k)` begins at step k, from an image's noised tokens
