@@ -46,3 +46,17 @@ def test_missing_checkpoints_name_the_path(tmp_path, s3_bucket):
     with pytest.raises(NotFoundError, match="missing/config.json"):
         load_checkpoint(f"{s3_bucket}/missing")
     storage.write_bytes(f"{s3_bucket}/x", b"")  # the bucket exists; the key does not
+
+
+def test_every_bundled_model_loads_generates_and_fits_the_asset_budget():
+    from socarrat.checkpoint import CONFIG, bundled_models
+
+    bundled = bundled_models()
+    assert "shapes-gaussian" in bundled
+    total_bytes = sum(f.stat().st_size for path in bundled.values() for f in path.iterdir())
+    assert total_bytes <= 30 * 2**20  # the package-data budget of the bundled models
+    for name, path in bundled.items():
+        assert (path / "README.md").is_file() and (path / CONFIG).is_file()  # a model card beside the weights
+        gen = Generator.load(name, device="cpu")
+        [result] = gen.generate(["a red circle"], [0], SamplerSpec(steps=2))
+        assert result.image.size == (gen.spec.size_px, gen.spec.size_px) and result.metadata["model"] == name

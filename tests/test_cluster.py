@@ -18,6 +18,15 @@ def test_cluster_configs_pass_rays_schema(name):
     assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1 and gpu["resources"]["GPU"] >= 1
 
 
+def test_local_head_type_is_the_one_the_fake_provider_runs():
+    # Under another name the autoscaler ignores the head and keeps launching head-type nodes.
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE
+
+    config = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+    assert config["head_node_type"] == FAKE_HEAD_NODE_TYPE
+    assert config["available_node_types"][FAKE_HEAD_NODE_TYPE]["max_workers"] == 0
+
+
 def test_aws_config_after_ray_fills_its_defaults():
     config = prepare_config(copy.deepcopy(yaml.safe_load((ROOT / "cluster.yaml").read_text())))
     validate_config(config)
