@@ -55,6 +55,8 @@ class AppArgs(BaseModel):
 
     model_uri: str | None = Field(None, description="bundled name, checkpoint dir or s3:// prefix; None: the default")
     store_uri: str | None = Field(None, description="folder or s3:// prefix for response_format=url; None: url refused")
+    url_expires_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="lifetime of the presigned HTTPS URLs of "
+                               "response_format=url on S3 (local folders answer file:// URIs)")
     num_gpus: float = Field(1, ge=0, description="per model replica; fractions share one GPU's memory")
     num_cpus: float = Field(1, ge=0, description="per model replica; also torch's CPU threads")
     max_n: int = Field(4, ge=1, description="images per request")
@@ -554,7 +556,7 @@ class ImageAPI:
         for i, png in enumerate(pngs):
             key = f"images/{request_id}/{i}.png"
             self.store.put_bytes(key, png)
-            urls.append(self.store.url(key))
+            urls.append(self.store.share_url(key, self.args.url_expires_s))
         return urls
 
     @api.get("/v1/models", response_model=ModelList)

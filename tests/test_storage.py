@@ -173,3 +173,15 @@ def test_unwritable_local_folder_names_the_uri(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "a-file" / "store"))
     with pytest.raises(UserError, match=re.escape(store.url("k"))):
         store.put_bytes("k", b"x")
+
+
+def test_share_url_is_presigned_on_s3_and_a_file_uri_locally(s3_bucket, tmp_path):
+    import requests
+
+    remote, local = open_store(f"{s3_bucket}/p"), open_store(str(tmp_path))
+    for store in (remote, local):
+        store.put_bytes("a/b.bin", b"payload")
+    url = remote.share_url("a/b.bin", expires_s=60)
+    assert url.startswith(os.environ["AWS_ENDPOINT_URL"]) and "Signature=" in url
+    assert requests.get(url).content == b"payload"
+    assert local.share_url("a/b.bin", expires_s=60) == local.url("a/b.bin")

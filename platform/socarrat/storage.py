@@ -66,6 +66,11 @@ class Store(abc.ABC):
     def url(self, key: str) -> str:
         """The full URI of `key`."""
 
+    def share_url(self, key: str, expires_s: int) -> str:
+        """A URL that gives `key` to someone without this store's credentials: an S3 presigned
+        HTTPS URL valid for `expires_s`; a local file's file:// URI."""
+        return self.url(key)
+
     def _check(self, key: str) -> str:
         parts = key.split("/")
         if not key or any(p in ("", ".", "..") or p.startswith(_TMP_PREFIX) for p in parts):
@@ -210,6 +215,10 @@ class S3Store(Store):
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def share_url(self, key: str, expires_s: int) -> str:
+        return self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s)
 
     def _write(self, key: str, if_absent: bool, upload: Callable[[dict], object]) -> bool:
         """Run `upload(extra_args)`; with `if_absent`, S3 itself refuses to overwrite, so no race."""
