@@ -281,4 +281,7 @@ def test_a_token_model_runs_through_the_same_job(ray_session, tiny_token_checkpo
     reference = Generator.load(tiny_token_checkpoint, device="cpu")
     for row in manifest:
         [want] = reference.generate([row["prompt"]], [row["seed"]], SamplerSpec(steps=4))
-        assert np.array_equal(pixels(samples[row["key"]]["png"]), np.asarray(want.image).astype(int))
+        # The same tokens, up to a rare flip: another thread count or batch can move a logit by ~1e-5,
+        # which changes a token whose draw lies that close to a boundary (sampling/tokens.py).
+        differ = (pixels(samples[row["key"]]["png"]) != np.asarray(want.image)).any(-1).mean()
+        assert differ < 0.25, differ  # another seed or prompt changes nearly every pixel
