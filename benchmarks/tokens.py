@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.picard import timed
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import evaluation_prompts
 from socarrat.generator import Generator
@@ -34,16 +34,10 @@ from socarrat.generator import Generator
 
 def timed_generate(gen: Generator, prompts: list[str], spec: SamplerSpec, repeats: int) -> tuple[float, list]:
     """Best wall seconds of `repeats` generate calls (after one warm-up) and the last results."""
-    results = gen.generate(prompts, list(range(len(prompts))), spec)
-    best = float("inf")
+    results, best = gen.generate(prompts, list(range(len(prompts))), spec), float("inf")
     for _ in range(repeats):
-        if gen.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        results = gen.generate(prompts, list(range(len(prompts))), spec)
-        if gen.device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        results, wall_s = timed(lambda: gen.generate(prompts, list(range(len(prompts))), spec))
+        best = min(best, wall_s)
     return best, results
 
 

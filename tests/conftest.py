@@ -71,16 +71,31 @@ def _randomise(model):
     return model
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
-    """A tiny Gaussian model with random (non-zero) weights: fast, and sensitive to every input."""
+def _tiny(spec):
+    """A seeded random model of `spec` whose output depends on every input (see `_randomise`)."""
     import torch
 
-    from socarrat.generator import TINY_SPEC
     from socarrat.models import build_model
 
     torch.manual_seed(0)
-    return _randomise(build_model(TINY_SPEC)).eval()
+    return _randomise(build_model(spec)).eval()
+
+
+def _saved(model, tmp_path_factory, name: str) -> str:
+    """`model` saved as a checkpoint directory, for code that loads models by URI."""
+    from socarrat.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("checkpoints") / name
+    save_checkpoint(model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny Gaussian model with random (non-zero) weights: fast, and sensitive to every input."""
+    from socarrat.generator import TINY_SPEC
+
+    return _tiny(TINY_SPEC)
 
 
 @pytest.fixture(scope="session")
@@ -92,27 +107,17 @@ def tiny_generator(tiny_model):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_model, tmp_path_factory) -> str:
-    """`tiny_model` saved as a checkpoint directory, for code that loads models by URI."""
-    from socarrat.checkpoint import save_checkpoint
-
-    path = tmp_path_factory.mktemp("checkpoints") / "tiny"
-    save_checkpoint(tiny_model, str(path))
-    return str(path)
+    return _saved(tiny_model, tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_token_model():
     """A tiny token-family model (VQ + denoiser, 32 px -> 8x8 tokens) with random non-zero weights."""
-    import torch
-
     from socarrat.config import ModelSpec
-    from socarrat.models import build_model
 
-    torch.manual_seed(0)
-    spec = ModelSpec(family="token", size_px=32, channels=(16, 32), attention_levels=(1,), heads=2,
-                     token={"codebook_size": 16, "vq_channels": (8, 16), "embed_dim": 8},
-                     text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2})
-    return _randomise(build_model(spec)).eval()
+    return _tiny(ModelSpec(family="token", size_px=32, channels=(16, 32), attention_levels=(1,), heads=2,
+                           token={"codebook_size": 16, "vq_channels": (8, 16), "embed_dim": 8},
+                           text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2}))
 
 
 @pytest.fixture(scope="session")
@@ -124,11 +129,7 @@ def token_generator(tiny_token_model):
 
 @pytest.fixture(scope="session")
 def tiny_token_checkpoint(tiny_token_model, tmp_path_factory) -> str:
-    from socarrat.checkpoint import save_checkpoint
-
-    path = tmp_path_factory.mktemp("checkpoints") / "tiny-token"
-    save_checkpoint(tiny_token_model, str(path))
-    return str(path)
+    return _saved(tiny_token_model, tmp_path_factory, "tiny-token")
 
 
 @pytest.fixture(scope="module")

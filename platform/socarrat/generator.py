@@ -25,7 +25,7 @@ from socarrat.models.text import TextEncoding
 from socarrat.errors import UserError
 from socarrat.sampling import Denoise, Schedule, StepFn, cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
-from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step
+from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step, renoise
 
 DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "paella": 12}
 
@@ -197,7 +197,7 @@ class Generator:
             picard = {}
             with (denoiser or self._local_denoiser)(cond, spec.guidance) as (denoise, cond):
                 if edit is not None:
-                    x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, noises, denoise, cond)
+                    x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, schedule, noises, denoise, cond)
                 if spec.picard:
                     x, stats = sample_picard(denoise, x, schedule, step, noises, cond, spec.window, spec.tolerance, progress)
                     picard = {"picard": {"rounds": stats.rounds, "evaluations": stats.evaluations}}  # of the whole batch
@@ -229,7 +229,8 @@ class Generator:
     def _local_denoiser(self, cond: Any, guidance: float) -> AbstractContextManager[tuple[Denoise, Any]]:
         return nullcontext((cfg_denoiser(self.model, guidance), cond))
 
-    def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, noises: torch.Tensor, denoise, cond):
+    def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, schedule: TokenSchedule, noises: torch.Tensor,
+                   denoise: Denoise, cond: Any):
         """Inpainting pins the kept tokens; a start step > 0 begins from the images' tokens, noised
         with the pre-drawn draws of the step before (where the sequential chain would re-noise)."""
         if spec.sampler != "paella":
@@ -239,15 +240,13 @@ class Generator:
         f = self.spec.token.downsampling
         known = self.model.tokenize(edit.pixels(x.shape[1:], f).to(self.device))
         keep = edit.keep(x.shape[1:], f).to(self.device)
-        schedule = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps, edit.start_step)
-        if edit.start_step:
-            full = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps)
-            before, k = noises[edit.start_step - 1], self.model.codebook_size
-            start = (before[:, 2] * k).long().clamp(max=k - 1)
-            x = torch.where(before[:, 1] < float(full.renoise[edit.start_step - 1]), start, known)
+        remaining = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps, edit.start_step)
+        if edit.start_step:  # re-noised as the step before the start re-noises, on the full schedule
+            k = edit.start_step - 1
+            x = renoise(known, float(schedule.renoise[k]), noises[k], self.model.codebook_size)
         x = torch.where(keep, known, x)
-        noises = noises[edit.start_step:]
-        return x, schedule, make_token_step(schedule, spec.temperature), noises, constrain(denoise), (known, keep, cond)
+        return (x, remaining, make_token_step(remaining, spec.temperature), noises[edit.start_step:],
+                constrain(denoise), (known, keep, cond))
 
     def _autocast(self):
         # bf16 on GPU halves memory traffic; on CPU, fp32 keeps results exact for the tests.

@@ -217,8 +217,9 @@ def train(
     t0, seen = time.perf_counter(), 0
     stage = None
     for step in bar:
-        if stage_at(cfg, step)[0] != stage:
-            stage, stage_start = stage_at(cfg, step)
+        now, began = stage_at(cfg, step)
+        if now != stage:
+            stage, stage_start = now, began
             objective = wrap(objective_for(stage, cfg, model, ema).to(device))
             if cfg.compile:
                 objective = torch.compile(objective)

@@ -74,9 +74,19 @@ def draw_token_noise(seeds: Sequence[int], shape: tuple[int, int], steps: int, c
         draws = torch.rand((steps, 2, *shape), generator=gen, dtype=torch.float64)
         starts.append(start)
         noises.append(torch.cat([draws, start.expand(steps, 1, *shape)], dim=1))
-    start_u = torch.stack(starts)
-    tokens = (start_u * codebook_size).long().clamp(max=codebook_size - 1)
+    tokens = uniform_to_token(torch.stack(starts), codebook_size)
     return tokens.to(device), torch.stack(noises, dim=1).to(device)
+
+
+def uniform_to_token(u: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Uniforms in [0, 1) (any shape) -> uniformly distributed token ids, long."""
+    return (u * codebook_size).long().clamp(max=codebook_size - 1)
+
+
+def renoise(tokens: torch.Tensor, fraction: float, noise_i: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Paella's re-noising with a step's draws noise_i (B, 3, h, w): each token of (B, h, w) becomes
+    its starting token where the step's re-noise uniform is below `fraction`."""
+    return torch.where(noise_i[:, 1] < fraction, uniform_to_token(noise_i[:, 2], codebook_size), tokens)
 
 
 def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float]) -> StepFn:
@@ -85,14 +95,13 @@ def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float]) -
     tokens. The draws are inverse-CDF on the pre-drawn uniforms, so the step is deterministic."""
     n = len(schedule)
     temperatures = torch.linspace(temperature[0], temperature[1], n).tolist() if n > 1 else [temperature[0]]
-    renoise = schedule.renoise.tolist()
+    fractions = schedule.renoise.tolist()
 
     def step(x: torch.Tensor, logits: torch.Tensor, i: int, noise_i: torch.Tensor) -> torch.Tensor:
         k = logits.shape[1]
         cdf = (logits.double() / temperatures[i]).softmax(1).cumsum(1).permute(0, 2, 3, 1).contiguous()
         picked = torch.searchsorted(cdf, noise_i[:, :1].permute(0, 2, 3, 1).contiguous(), right=True)[..., 0].clamp(max=k - 1)
-        start = (noise_i[:, 2] * k).long().clamp(max=k - 1)
-        return torch.where(noise_i[:, 1] < renoise[i], start, picked)
+        return renoise(picked, fractions[i], noise_i, k)
 
     return step
 
