@@ -38,7 +38,7 @@ from socarrat.checkpoint import bundled_models
 from socarrat.config import ModelSpec, SamplerSpec
 from socarrat.datasets.shapes import CATEGORIES
 from socarrat.generator import Generator
-from socarrat.models import build_model
+from socarrat.models import build_model, parameter_count
 
 HDIT_4LV = {"patch_size": 4, "widths": (64, 64, 128, 128), "depths": (2, 2, 1, 2), "mapping_width": 128,
             "cross_attention_levels": (2, 3)}
@@ -144,7 +144,7 @@ def compare_bundled(args) -> list[dict] | None:
     for name in ("shapes-gaussian", "shapes-hdit"):
         gen = Generator.load(name, device=args.device)
         summary = evaluate(gen, spec, args.eval_prompts, args.eval_seeds, progress=False)["summary"]
-        rows.append({"model": name, "params": gen.model.parameter_count(), "images_per_s": summary["images_per_s"],
+        rows.append({"model": name, "params": parameter_count(gen.model), "images_per_s": summary["images_per_s"],
                      "scores": summary["scores"]})
     columns = [*CATEGORIES, "overall"]
     print(f"\n{'model':16} {'params':>6} {'img/s':>7} " + " ".join(f"{c[:10]:>10}" for c in columns))

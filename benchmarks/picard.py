@@ -34,6 +34,7 @@ import torch
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import evaluation_prompts, score
 from socarrat.generator import Generator
+from socarrat.models import parameter_count
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import PicardStats, sample_picard, take_rows
 from socarrat.sampling.schedules import Schedule
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = Generator.load(args.model, device=args.device)
     groups = start_groups(gen, args)
     prompts = [p for p, _ in evaluation_prompts(args.batch)] if args.batch > 1 else [args.prompt]
-    print(f"model {gen.name} ({gen.model.parameter_count() / 1e6:.1f}M params), device {gen.device}, batch {len(prompts)}, "
+    print(f"model {gen.name} ({parameter_count(gen.model) / 1e6:.1f}M params), device {gen.device}, batch {len(prompts)}, "
           f"guidance {args.guidance}, window {args.window}\n")
     print(HEADER + "\n" + "-" * len(HEADER))
     rows = []

@@ -30,6 +30,7 @@ from benchmarks.picard import timed
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import evaluation_prompts
 from socarrat.generator import Generator
+from socarrat.models import parameter_count
 
 
 def timed_generate(gen: Generator, prompts: list[str], spec: SamplerSpec, repeats: int) -> tuple[float, list]:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         evals = spec.steps * (2 if spec.guidance != 1 else 1)  # CFG doubles each step's batch
         rows.append({"model": gen.name, "sampler": f"{spec.sampler}-{spec.steps}", "wall_s": wall_s,
                      "images_per_s": len(prompts) / wall_s, "evals_per_image": evals, "model_calls": spec.steps,
-                     "images_per_call": len(prompts), "params_m": gen.model.parameter_count() / 1e6})
+                     "images_per_call": len(prompts), "params_m": parameter_count(gen.model) / 1e6})
     speedup = rows[1]["images_per_s"] / rows[0]["images_per_s"]
 
     parallel = []

@@ -11,7 +11,6 @@ only through `socarrat.storage`.
 
 import asyncio
 import base64
-import io
 import json
 import math
 import secrets
@@ -36,7 +35,8 @@ from ray.serve.handle import DeploymentHandle
 
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
-from socarrat.generator import DEFAULT_STEPS, Edit, Generator, Result
+from socarrat.errors import UserError
+from socarrat.generator import DEFAULT_STEPS, Edit, Generator, Result, read_image
 from socarrat.parallel import PicardGroup, WorkerLostError
 
 # The ingress only awaits the model deployment, so it admits far more requests than a model
@@ -99,6 +99,7 @@ class ModelCard(BaseModel):
     size_px: int = Field(description="default width and height")
     downsampling: int = Field(description="width and height must be multiples of it")
     family: Literal["gaussian", "token"] = Field(description="gaussian: ddim/ddpm; token: paella and image edits")
+    max_steps: int = Field(description="sampler steps the model can take (its training timesteps)")
 
 
 class ModelList(BaseModel):
@@ -142,6 +143,8 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("steps")
     @classmethod
     def _steps(cls, steps: int | None, info: ValidationInfo) -> int | None:
+        if steps is not None and steps > (own := info.context["card"].max_steps):
+            raise ValueError(f"{steps} steps is more than this model can take ({own}, its training timesteps)")
         return steps if steps is None else _at_most(steps, info.context["args"].max_steps, "steps")
 
     @field_validator("size")
@@ -239,21 +242,15 @@ class ImageEditRequest(ImageGenerationRequest):
         if self.start_step >= steps:
             raise ValueError(f"start_step must be below steps ({steps}), got {self.start_step}")
         alpha = mask.getchannel("A") if "A" in mask.getbands() else Image.new("L", mask.size, 255)
+        if alpha.getextrema()[0] > 0:
+            raise ValueError("the mask has no fully transparent pixel, so the edit would change nothing: make "
+                             "the pixels to paint (all of them, to restyle with start_step) transparent")
         marked = alpha.point(lambda a: 255 if a == 0 else 0)
         self._edit = Edit([image.convert("RGB")] * self.n, [marked] * self.n, self.start_step)
         return self
 
     def edit(self) -> Edit:
         return self._edit
-
-
-def _open_image(data: bytes, what: str) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except Exception as err:  # any decoder failure is the caller's file
-        raise ValueError(f"the {what} is not a readable image: {err}") from None
 
 
 def _at_most(value: float, cap: float, what: str) -> float:
@@ -343,7 +340,8 @@ class ImageModel:
         self.generator = Generator.load(args.model_uri)
         spec = self.generator.spec
         self.card = ModelCard(id=self.generator.name, created=int(time.time()), digest=self.generator.digest,
-                              size_px=spec.size_px, downsampling=self.generator.pixel_multiple, family=spec.family)
+                              size_px=spec.size_px, downsampling=self.generator.pixel_multiple, family=spec.family,
+                              max_steps=spec.train_timesteps)
         # The actors load the replica's checkpoint by name, checked by digest; they die with the replica.
         self.group = PicardGroup(self.generator.name, args.picard_actors, args.picard_gpus_per_actor,
                                  digest=self.generator.digest) if args.picard_actors else None
@@ -358,7 +356,7 @@ class ImageModel:
     async def generate(self, request: GenerationRequest, edit: Edit | None = None) -> Generated:
         self.ongoing += 1
         try:
-            mode, spec = self._mode(request.spec)
+            mode, spec = self._mode(self.generator.resolve(request.spec))  # resolved: equal work, equal specs
             job = _Job(request.model_copy(update={"spec": spec}), mode, time.perf_counter(),
                        asyncio.get_running_loop().create_future(), edit)
             self.queue.append(job)
@@ -375,7 +373,9 @@ class ImageModel:
             return "picard-group" if self.group else "picard-replica", spec
         # Picard spends extra model evaluations to cut latency; under load they are better spent on
         # other requests, and its converged result is the sequential one anyway.
-        return "sequential-busy", spec.model_copy(update={"picard": False})
+        defaults = SamplerSpec()
+        return "sequential-busy", spec.model_copy(update={"picard": False, "window": defaults.window,
+                                                          "tolerance": defaults.tolerance})
 
     async def _drain(self) -> None:
         """Model calls until the queue is empty, in a thread so the replica keeps taking requests
@@ -383,18 +383,18 @@ class ImageModel:
         while self.queue:
             if _images_in(self.queue) < self.args.max_batch_images:
                 await asyncio.sleep(self.args.batch_wait_timeout_s)  # give a partial batch the chance to fill
-            batch = self._take_batch()
-            try:
-                answers = await asyncio.to_thread(self._run, batch)
-            except Exception as err:  # the batch's requests fail; the replica goes on
-                answers = [err] * len(batch)
-            for job, answer in zip(batch, answers):
-                if job.answer.done():  # cancelled meanwhile (a timeout): no one is waiting
-                    continue
-                if isinstance(answer, Exception):
-                    job.answer.set_exception(answer)
-                else:
-                    job.answer.set_result(answer)
+            for spec, group in self._groups(self._take_batch()):
+                try:
+                    answers = await asyncio.to_thread(self._run, spec, group)
+                except Exception as err:  # only this model call's requests fail (a lost Picard actor, say)
+                    answers = [err] * len(group)
+                for job, answer in zip(group, answers):
+                    if job.answer.done():  # cancelled meanwhile (a timeout): no one is waiting
+                        continue
+                    if isinstance(answer, Exception):
+                        job.answer.set_exception(answer)
+                    else:
+                        job.answer.set_result(answer)
 
     def _take_batch(self) -> list[_Job]:
         """Queued requests in arrival order, up to max_batch_images images; cancelled ones are dropped."""
@@ -405,29 +405,30 @@ class ImageModel:
                 batch.append(job)
         return batch
 
-    def _run(self, jobs: list[_Job]) -> list[Generated | Exception]:
+    @staticmethod
+    def _groups(jobs: list[_Job]) -> list[tuple[SamplerSpec, list[_Job]]]:
+        """The batch cut into model calls: one per sampler spec; an edit brings its own images, so it
+        gets a call of its own. Each call is answered as soon as it is done."""
         groups: dict[tuple[SamplerSpec, int], list[_Job]] = defaultdict(list)
-        for job in jobs:  # an edit brings its own images: it gets a model call of its own
+        for job in jobs:
             groups[job.request.spec, id(job) if job.edit else 0].append(job)
-        answers = {}
-        for (spec, _), group in groups.items():
-            started = time.perf_counter()
-            try:
-                results = self.generator.generate(
-                    [p for job in group for p in job.request.prompts], [s for job in group for s in job.request.seeds],
-                    spec, [n for job in group for n in job.request.negative_prompts or [""] * len(job.request.prompts)],
-                    edit=group[0].edit, denoiser=self.group.conditioned if self.group and spec.picard else None)
-            except Exception as err:  # only this model call's requests fail (a lost Picard actor, say)
-                answers.update((id(job), err) for job in group)
-                continue
-            for job in group:
-                mine, results = results[:len(job.request.prompts)], results[len(job.request.prompts):]
-                answers[id(job)] = Generated(mine, GenerationMetadata(
-                    model=self.card.id, model_digest=self.card.digest, mode=job.mode,
-                    spec=SamplerSpec.model_validate(mine[0].metadata["spec"]),
-                    timings={**mine[0].metadata["timings"], "queue_s": started - job.arrived_s},
-                    picard=mine[0].metadata.get("picard")))
-        return [answers[id(job)] for job in jobs]
+        return [(spec, group) for (spec, _), group in groups.items()]
+
+    def _run(self, spec: SamplerSpec, jobs: list[_Job]) -> list[Generated]:
+        started = time.perf_counter()
+        results = self.generator.generate(
+            [p for job in jobs for p in job.request.prompts], [s for job in jobs for s in job.request.seeds],
+            spec, [n for job in jobs for n in job.request.negative_prompts or [""] * len(job.request.prompts)],
+            edit=jobs[0].edit, denoiser=self.group.conditioned if self.group and spec.picard else None)
+        answers = []
+        for job in jobs:
+            mine, results = results[:len(job.request.prompts)], results[len(job.request.prompts):]
+            answers.append(Generated(mine, GenerationMetadata(
+                model=self.card.id, model_digest=self.card.digest, mode=job.mode,
+                spec=SamplerSpec.model_validate(mine[0].metadata["spec"]),
+                timings={**mine[0].metadata["timings"], "queue_s": started - job.arrived_s},
+                picard=mine[0].metadata.get("picard"))))
+        return answers
 
     def check_health(self) -> None:
         """Serve replaces a replica whose weights went non-finite (a bad load, a corrupted device)."""
@@ -513,8 +514,8 @@ class ImageAPI:
         if "image" not in files:
             return _error(400, "an image file is required", "invalid_request_error", "image", "missing")
         try:
-            images = {k: _open_image(data, k) for k, data in files.items()}
-        except ValueError as err:
+            images = {k: read_image(data, f"the {k}") for k, data in files.items()}
+        except UserError as err:
             return _error(400, str(err), "invalid_request_error", code="invalid_image")
         if fields.get("size", "auto") == "auto":
             fields["size"] = f"{images['image'].width}x{images['image'].height}"

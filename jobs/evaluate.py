@@ -6,11 +6,14 @@ Generates `--prompts` held-out captions x `--seeds` seeds (never a training capt
 judges every image with `socarrat.datasets.shapes.score` in GenEval's five categories, and writes
 `scores.json` (per category + overall), `images.jsonl` (one row per image with the analyzer's
 reason) and `contact_sheet.png` to `--out` (a folder or s3:// prefix). Runs on one device, no Ray.
+The flags and a write to `--out` are checked before the model is loaded, so a mistyped output is
+not found out only after the whole evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import sys
@@ -28,6 +31,8 @@ from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import CATEGORIES, evaluation_prompts, score
 from socarrat.errors import UserError
 from socarrat.generator import Generator
+
+_PROBE = "write-check"  # written and removed before the evaluation starts
 
 
 def contact_sheet(images: list[Image.Image], captions: list[str], passed: list[bool], columns: int = 6, cell_px: int = 128) -> Image.Image:
@@ -78,6 +83,15 @@ def write_report(report: dict, out: str) -> None:
     store.put_bytes("scores.json", json.dumps(report["summary"], indent=2).encode())
 
 
+def check_out(out: str) -> None:
+    """UserError unless a report can be written under `out`: a bad scheme, a missing bucket, no
+    permission, a folder that cannot be made. Writes and removes one empty object."""
+    store = storage.open_store(out)
+    store.put_bytes(_PROBE, b"")
+    with contextlib.suppress(UserError):  # a store that allows writes but not deletes is still usable
+        store.delete(_PROBE)
+
+
 def print_table(summary: dict) -> None:
     print(f"\n{'category':<20} {'accuracy':>8}")
     for category, value in summary["scores"].items():
@@ -89,13 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jobs.evaluate", description="GenEval-style prompt adherence on held-out shapes prompts.")
     p.add_argument("--model", default=None, help="bundled name, checkpoint dir or s3:// prefix (default: the bundled default)")
     p.add_argument("--out", default="runs/eval", help="folder or s3:// prefix for the report")
-    p.add_argument("--prompts", type=int, default=300, help="held-out prompts (at most 515)")
+    p.add_argument("--prompts", type=int, default=300, help=f"held-out prompts: at least one per category ({len(CATEGORIES)}), at most 515")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--batch-size", type=int, default=64)
     add_sampler_flags(p)
     args = p.parse_args(argv)
     try:
         spec = sampler_spec(args)
+        for flag, least in (("prompts", len(CATEGORIES)), ("seeds", 1), ("batch_size", 1)):  # a prompt per category
+            if getattr(args, flag) < least:
+                raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+        check_out(args.out)
         report = evaluate(Generator.load(args.model), spec, args.prompts, args.seeds, args.batch_size)
         write_report(report, args.out)
     except (UserError, ValidationError) as err:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from socarrat.cli import one_line
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
-from socarrat.training import TrainConfig, TrainResult, train
+from socarrat.training import TrainConfig, TrainResult, preflight, train
 
 
 def _ray_worker(config: dict) -> None:
@@ -43,6 +43,7 @@ def run(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False) -> TrainR
     """Train in this process (num_workers=0) or on `num_workers` Ray Train workers."""
     if num_workers == 0:
         return train(cfg)
+    preflight(cfg)  # a user mistake fails here in one line, not as a worker's traceback
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument(flag, type=field.annotation, default=field.default, help=field.description)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = in this process")
-    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (default: CPU workers)")
     args = p.parse_args(argv)
     try:
         fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and k != "model"}

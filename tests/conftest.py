@@ -12,6 +12,12 @@ _PLATFORM = str(Path(__file__).resolve().parents[1] / "platform")
 if _PLATFORM not in sys.path:
     sys.path.insert(0, _PLATFORM)
 
+from socarrat.config import ModelSpec  # noqa: E402  (after the path set-up above)
+
+# The tiny Gaussian model of most tests: two levels, attention at the lower one, a 1-layer text tower.
+TINY_SPEC = ModelSpec(channels=(16, 32), attention_levels=(1,), heads=2,
+                      text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2})
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -93,8 +99,6 @@ def _saved(model, tmp_path_factory, name: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_model():
     """A tiny Gaussian model with random (non-zero) weights: fast, and sensitive to every input."""
-    from socarrat.generator import TINY_SPEC
-
     return _tiny(TINY_SPEC)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from socarrat import storage
-from socarrat.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from socarrat.checkpoint import CONFIG, WEIGHTS, load_checkpoint, save_checkpoint
 from socarrat.config import SamplerSpec
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
@@ -38,6 +38,17 @@ def test_corrupt_weights_are_refused(tmp_path, tiny_model):
     (tmp_path / WEIGHTS).write_bytes((tmp_path / WEIGHTS).read_bytes()[:-10])
     with pytest.raises(UserError, match="sha256"):
         load_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("config", ["{", '{"model": {}}', '{"model": {}, "sha256": "../../x"}'])
+def test_malformed_configs_are_refused(tmp_path, s3_bucket, tiny_model, config):
+    save_checkpoint(tiny_model, str(tmp_path))
+    (tmp_path / CONFIG).write_text(config)
+    with pytest.raises(UserError, match="not JSON|not a Socarrat checkpoint config"):
+        load_checkpoint(str(tmp_path))
+    storage.write_bytes(f"{s3_bucket}/m/{CONFIG}", config.encode())
+    with pytest.raises(UserError, match="not JSON|not a Socarrat checkpoint config"):
+        load_checkpoint(f"{s3_bucket}/m")
 
 
 def test_missing_checkpoints_name_the_path(tmp_path, s3_bucket):

@@ -1,5 +1,6 @@
 """The `socarrat` command line: a PNG with metadata, and one-line errors with exit code 2."""
 
+import io
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
+from socarrat import storage
 from socarrat.checkpoint import save_checkpoint
 from socarrat.cli import main
 
@@ -27,6 +29,14 @@ def test_generate_writes_png_with_parameters(tmp_path, model_dir):
     assert img.text["parameters"].startswith("a red circle\nNegative prompt: \nSteps: 3, Sampler: DDPM")
     meta = json.loads(img.text["socarrat"])
     assert meta["seed"] == 4 and meta["spec"]["sampler"] == "ddpm"
+
+
+def test_generate_and_edit_read_and_write_object_storage(s3_bucket, tiny_token_checkpoint):
+    made, edited = f"{s3_bucket}/made/a.png", f"{s3_bucket}/edited/a.png"
+    assert main(["generate", "--prompt", "a red circle", "--model", tiny_token_checkpoint, "--out", made]) == 0
+    assert main(["edit", "--image", made, "--start-step", "6", "--prompt", "a blue square",
+                 "--model", tiny_token_checkpoint, "--out", edited]) == 0
+    assert Image.open(io.BytesIO(storage.read_bytes(edited))).size == (32, 32)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -57,17 +67,20 @@ def test_edit_inpaints_outpaints_and_restyles_with_a_token_model(tmp_path, tiny_
     assert main(["generate", "--prompt", "a red circle", "--model", tiny_token_checkpoint, "--out", str(source)]) == 0
     assert json.loads(Image.open(source).text["socarrat"])["spec"]["sampler"] == "paella"
     mask = tmp_path / "mask.png"
-    Image.new("L", (32, 32), 0).crop((0, 0, 32, 32)).save(mask)
+    Image.new("L", (32, 32), 0).save(mask)
+    mask.with_suffix(".txt").write_text("not an image")
     base = ["edit", "--image", str(source), "--prompt", "a blue square", "--model", tiny_token_checkpoint]
-    assert main([*base, "--mask", str(mask), "--out", str(tmp_path / "same.png")]) == 0  # nothing marked: kept
     assert main([*base, "--outpaint", "0", "16", "0", "0", "--out", str(tmp_path / "wide.png")]) == 0
     assert main([*base, "--start-step", "6", "--picard", "--out", str(tmp_path / "restyled.png")]) == 0
     assert Image.open(tmp_path / "wide.png").size == (48, 32) and Image.open(tmp_path / "restyled.png").size == (32, 32)
     capsys.readouterr()
     for flags, message in [(["--mask", str(mask), "--outpaint", "1", "1", "1", "1"], "not both"),
-                           (["--image", str(tmp_path / "nope.png")], "cannot read image"),
+                           (["--image", str(tmp_path / "nope.png")], "nope.png does not exist"),
+                           (["--image", str(mask.with_suffix(".txt"))], "is not a readable image"),
                            (["--outpaint", "0", "3", "0", "0"], "multiples of 8"),
-                           (["--sampler", "ddim"], "does not apply")]:
+                           (["--sampler", "ddim"], "does not apply"),
+                           (["--mask", str(mask)], "mark no pixel"),  # all black: nothing to paint
+                           ([], "would ignore its images")]:
         assert main([*base, *flags, "--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err

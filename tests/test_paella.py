@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from jobs.train import main as train_main
 from socarrat.cli import main as cli
@@ -31,6 +32,15 @@ def test_vq_round_trip_shapes_and_every_code_reachable():
     tokens = vq.encode(images)
     assert tokens.shape == (3, 6, 8) and tokens.dtype == torch.long and vq.decode(tokens).shape == (3, 3, 48, 64)
     assert 0 <= tokens.min() and tokens.max() < 64 and torch.equal(vq.encode(images), tokens)
+
+
+def test_vq_picks_the_nearest_code_under_autocast_too():
+    torch.manual_seed(0)
+    vq = VQ(TokenSpec(codebook_size=256, code_dim=32, vq_channels=(8, 16)))
+    z, codebook = vq._latents(torch.rand(4, 3, 64, 64) * 2 - 1), F.normalize(vq.codebook, dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 similarities differ on ~7 of 1,024 tokens here
+        under_autocast = vq._nearest(z, codebook)
+    assert torch.equal(under_autocast, vq._nearest(z, codebook))
 
 
 def test_vq_training_reconstructs_shapes_and_uses_its_codebook(shards):

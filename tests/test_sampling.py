@@ -37,7 +37,6 @@ def test_solvers_land_on_the_clean_image_with_an_oracle(sampler, prediction, spa
 
 def test_ddpm_depends_on_its_noise_and_ddim_ignores_it():
     schedule = Schedule.create("linear", 1000, "trailing", 5)
-    x0 = torch.zeros(1, *SHAPE)
     x, noises = draw_noise([3], SHAPE, 5, stochastic=True)
     # A denoiser that is wrong about x0 leaves the DDPM noise visible in intermediate states.
     wrong = lambda x, t, c: torch.ones_like(x)

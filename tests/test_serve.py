@@ -26,12 +26,13 @@ import requests
 import torch
 import yaml
 from PIL import Image
+from pydantic import ValidationError
 from ray import serve
 from ray.serve import RunTarget
 from ray.serve.schema import ApplicationStatus
 
 from conftest import _free_port
-from deployments.text_to_image import AppArgs, ImageModel, build_app
+from deployments.text_to_image import AppArgs, ImageGenerationRequest, ImageModel, ModelCard, build_app
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
 
@@ -267,8 +268,9 @@ def test_token_model_serves_paella_and_edits_through_the_openai_client(deployed:
         return client.images.edit(image=("src.png", source), mask=("mask.png", png(mask)), prompt="a blue square",
                                   extra_body=fields)
 
-    kept = [b64_pixels(edit(opaque, seed=s))[0] for s in (1, 2)]  # nothing marked: every token kept
-    assert np.array_equal(*kept)
+    for start_step in (0, 3):  # nothing marked
+        with pytest.raises(openai.BadRequestError, match="would change nothing"):
+            edit(opaque, start_step=start_step)
     fresh = [b64_pixels(edit(clear, seed=s))[0] for s in (1, 2)]  # all marked: a new image per seed
     assert not np.array_equal(*fresh)
     half = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
@@ -417,6 +419,14 @@ def test_check_health_reports_non_finite_weights(tiny_checkpoint: str):
         next(replica.generator.model.parameters()).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="non-finite weights"):
         replica.check_health()
+
+
+def test_steps_are_capped_by_the_model_as_well_as_the_deployment():
+    card = ModelCard(id="m", created=0, digest="d", size_px=32, downsampling=8, family="gaussian", max_steps=100)
+    context = {"args": AppArgs(max_steps=1000), "card": card}
+    assert ImageGenerationRequest.model_validate({"prompt": "x", "steps": 100}, context=context).steps == 100
+    with pytest.raises(ValidationError, match="more than this model can take"):
+        ImageGenerationRequest.model_validate({"prompt": "x", "steps": 101}, context=context)
 
 
 def test_builder_args_from_the_command_line_are_validated():

@@ -7,7 +7,7 @@ from PIL import Image
 
 from socarrat.config import SamplerSpec
 from socarrat.errors import UserError
-from socarrat.generator import Blend, Edit, Generator
+from socarrat.generator import Blend, Edit
 from socarrat.sampling import cfg_denoiser, sample
 from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step, noise_fraction
@@ -15,7 +15,7 @@ from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise,
 T = 1000
 
 
-def run(model, prompts, seeds, steps=12, picard=False, window=4, keep=None, known=None):
+def run(model, prompts, seeds, steps=12, picard=False, window=4, keep=None, known=None, tolerance=0.0):
     """Tokens (B, 8, 8) sampled by the tiny model, sequentially or by Picard, optionally inpainting."""
     schedule = TokenSchedule.create(T, steps)
     x, noises = draw_token_noise(seeds, (8, 8), steps, model.codebook_size)
@@ -26,7 +26,7 @@ def run(model, prompts, seeds, steps=12, picard=False, window=4, keep=None, know
         if keep is not None:
             denoise, cond, x = constrain(denoise), (known, keep, cond), torch.where(keep, known, x)
         if picard:
-            return sample_picard(denoise, x, schedule, step, noises, cond, window, 0.0)
+            return sample_picard(denoise, x, schedule, step, noises, cond, window, tolerance)
         return sample(denoise, x, schedule, step, noises, cond), None
 
 
@@ -55,6 +55,16 @@ def test_step_renoises_the_scheduled_fraction_with_the_starting_tokens():
     assert (step(x, logits, 3, noises[3]) == 7).all()  # the last step keeps what it draws
 
 
+def test_a_tail_schedule_steps_as_the_full_sampler_does():
+    full, tail = TokenSchedule.create(T, 8), TokenSchedule.create(T, 8, start=5)
+    _, noises = draw_token_noise([3], (16, 16), 8, 16)
+    logits = torch.randn(1, 16, 16, 16, dtype=torch.float64)
+    x = torch.zeros(1, 16, 16, dtype=torch.long)
+    full_step, tail_step = make_token_step(full, (2.0, 0.1)), make_token_step(tail, (2.0, 0.1), start=5)
+    assert all(torch.equal(full_step(x, logits, 5 + i, noises[5 + i]), tail_step(x, logits, i, noises[5 + i]))
+               for i in range(3))
+
+
 def test_sampler_is_deterministic_for_a_seed_and_independent_of_the_batch(tiny_token_model):
     a, _ = run(tiny_token_model, ["a red circle", "two blue squares"], [1, 2])
     b, _ = run(tiny_token_model, ["a red circle", "two blue squares"], [1, 2])
@@ -64,11 +74,11 @@ def test_sampler_is_deterministic_for_a_seed_and_independent_of_the_batch(tiny_t
     assert torch.equal(a, b) and torch.equal(a[1:], alone) and not torch.equal(a[:1], other)
 
 
-@pytest.mark.parametrize("window", [1, 3, 12])
-def test_parallel_sampling_gives_the_sequential_tokens_exactly(tiny_token_model, window):
+@pytest.mark.parametrize(("window", "tolerance"), [(1, 0.0), (3, 0.0), (12, 0.0), (12, 5.0)])
+def test_parallel_sampling_gives_the_sequential_tokens_exactly(tiny_token_model, window, tolerance):
     prompts, seeds = ["a red circle", "two blue squares", "a green triangle"], [1, 2, 3]
     seq, _ = run(tiny_token_model, prompts, seeds)
-    par, stats = run(tiny_token_model, prompts, seeds, picard=True, window=window)
+    par, stats = run(tiny_token_model, prompts, seeds, picard=True, window=window, tolerance=tolerance)
     assert torch.equal(par, seq)
     assert stats.rounds <= 12 and (window > 1 or stats.rounds == 12)
 
@@ -117,11 +127,15 @@ def test_generator_edits_inpaint_outpaint_and_restyle(token_generator, tiny_gene
     fresh = token_generator.generate(["a blue square"], [4])
     assert not np.array_equal(pixels(restyled[0]), pixels(fresh[0]))
     with pytest.raises(UserError, match="must be 32x32"):
-        token_generator.generate(["a"], [1], edit=Edit([Image.new("RGB", (16, 16))]))
+        token_generator.generate(["a"], [1], edit=Edit([Image.new("RGB", (16, 16))], None, 3))
     with pytest.raises(UserError, match="one 32x32 mask"):
         token_generator.generate(["a"], [1], edit=Edit([canvas], [Image.new("L", (8, 8))]))
     with pytest.raises(UserError, match="start must be"):
         token_generator.generate(["a"], [1], edit=Edit([canvas], None, start_step=12))
+    with pytest.raises(UserError, match="would ignore its images"):
+        token_generator.generate(["a"], [1], edit=Edit([canvas]))
+    with pytest.raises(UserError, match=r"edits \[1\] mark no pixel"):
+        token_generator.generate(["a", "b"], [1, 2], edit=Edit([canvas] * 2, [mask, Image.new("L", (32, 32))], 3))
     with pytest.raises(UserError, match="token-family model"):
         tiny_generator.generate(["a"], [1], edit=Edit([canvas]))
 

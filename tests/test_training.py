@@ -5,17 +5,19 @@ import json
 import tarfile
 
 import pytest
+import ray
 import torch
 
+from conftest import TINY_SPEC
 from jobs.evaluate import evaluate, write_report
 from jobs.train import run
 from socarrat import storage
 from socarrat.cli import main as cli
 from socarrat.config import SamplerSpec
 from socarrat.errors import NotFoundError, UserError
-from socarrat.generator import TINY_SPEC, Generator
+from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
-from socarrat.models import build_model
+from socarrat.models import build_model, parameter_count
 from socarrat.training import GaussianObjective, TrainConfig, load_examples, train
 
 
@@ -72,14 +74,21 @@ def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
     saved = torch.load(io.BytesIO(storage.read_bytes(f"{out}/step-00000020/train_state.pt")))
     resumed = train(config(shards, out, steps=30, checkpoint_every=10))
     assert resumed.step == 30 and len(resumed.losses) == 10
-    assert saved["step"] == 20 and storage.open_store(out).exists("step-00000030/config.json")
+    assert set(saved) == {"model", "ema", "opt"} and storage.open_store(out).exists("step-00000030/config.json")
+    other = config(shards, out, steps=40, model=TINY_SPEC.model_copy(update={"prediction": "eps"}))
     with pytest.raises(UserError, match="spec differs"):
-        train(config(shards, out, steps=40, model=TINY_SPEC.model_copy(update={"prediction": "eps"})))
+        train(other)
+    with pytest.raises(UserError, match="spec differs"):
+        run(other, num_workers=2)  # checked by the driver, before Ray starts any worker
+    assert not ray.is_initialized()
 
 
 def test_missing_shards_and_corrupt_samples(tmp_path, shards):
     with pytest.raises(NotFoundError, match="no .tar shards"):
         load_examples(str(tmp_path / "empty"), 32)
+    with pytest.raises(NotFoundError, match="no .tar shards"):
+        run(config(str(tmp_path / "empty"), str(tmp_path / "out")), num_workers=2)
+    assert not ray.is_initialized()
     bad = tmp_path / "bad"
     bad.mkdir()
     with tarfile.open(bad / "a.tar", "w") as tar:
@@ -95,15 +104,13 @@ def test_missing_shards_and_corrupt_samples(tmp_path, shards):
 
 
 def test_ray_train_job_with_two_ddp_workers(shards, tmp_path):
-    import ray
-
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         run(config(shards, str(tmp_path / "ray"), steps=6, checkpoint_every=6, log_every=3), num_workers=2)
     finally:
         ray.shutdown()
     gen = Generator.load(str(tmp_path / "ray" / "step-00000006"), device="cpu")
-    assert gen.model.parameter_count() > 0
+    assert parameter_count(gen.model) > 0
 
 
 def test_evaluate_end_to_end(tiny_generator, store_uri):
@@ -113,3 +120,26 @@ def test_evaluate_end_to_end(tiny_generator, store_uri):
     store = storage.open_store(store_uri)
     assert sorted(store.list()) == ["contact_sheet.png", "images.jsonl", "scores.json"]
     assert len(store.get_bytes("images.jsonl").splitlines()) == 20
+
+
+def test_evaluate_checks_its_flags_and_out_before_any_work(s3_server, tmp_path, capsys, monkeypatch):
+    from jobs import evaluate as evaluate_job
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags and --out were checked")
+
+    monkeypatch.setattr(evaluate_job.Generator, "load", no_model)
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--seeds", "-1"], "--seeds must be >= 1"),
+        (["--prompts", "2"], "--prompts must be >= 5"),
+        (["--out", "s4://bucket/eval"], "unsupported scheme"),
+        (["--out", "s3://no-such-bucket-here/eval"], "does not exist"),
+        (["--out", str(tmp_path / "file" / "eval")], "cannot write"),
+    ]
+    for argv, message in cases:
+        assert evaluate_job.main(argv + (["--out", str(tmp_path / "o")] if "--out" not in argv else [])) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

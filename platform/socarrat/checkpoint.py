@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -84,6 +85,19 @@ def _load_diffusers(uri: str, device: str | torch.device) -> tuple[torch.nn.Modu
     return model.to(device), {"model": model.spec.model_dump(mode="json"), "sha256": digest}
 
 
+def _parse_config(raw: bytes, uri: str) -> dict:
+    """A checkpoint's config.json: JSON with "model" (a ModelSpec) and "sha256" (of the weights)."""
+    try:
+        config = json.loads(raw)
+    except ValueError as err:
+        raise UserError(f"{uri} is not JSON: {err}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not re.fullmatch(
+            r"[0-9a-f]{64}", str(config.get("sha256"))):
+        raise UserError(f"{uri} is not a Socarrat checkpoint config: it needs \"model\" (a ModelSpec) and "
+                        "\"sha256\" (64 hex digits)")
+    return config
+
+
 def _local_copy(uri: str) -> Path:
     """A local directory with the checkpoint's two files (downloaded once for s3:// URIs)."""
     if not storage.is_remote(uri):
@@ -92,7 +106,7 @@ def _local_copy(uri: str) -> Path:
             raise NotFoundError(f"no checkpoint at {uri} (expected {path / CONFIG})")
         return path
     store = storage.open_store(uri)
-    config = json.loads(store.get_bytes(CONFIG))
+    config = _parse_config(store.get_bytes(CONFIG), storage.join(uri, CONFIG))
     cache = _cache_root() / config["sha256"]
     if not (cache / WEIGHTS).is_file() or sha256_file(cache / WEIGHTS) != config["sha256"]:
         store.get_file(WEIGHTS, cache / WEIGHTS)
@@ -117,8 +131,8 @@ def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device =
         path = _local_copy(name_or_uri)
     else:
         raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled ({', '.join(bundled) or 'none bundled'})")
-    config = json.loads((path / CONFIG).read_text())
-    if sha256_file(path / WEIGHTS) != config.get("sha256"):
+    config = _parse_config((path / CONFIG).read_bytes(), str(path / CONFIG))
+    if sha256_file(path / WEIGHTS) != config["sha256"]:
         raise UserError(f"checkpoint {name_or_uri}: {WEIGHTS} does not match the sha256 in {CONFIG} (corrupt or partial copy)")
     model = build_model(ModelSpec.model_validate(config["model"]))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS)).items()}

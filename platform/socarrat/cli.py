@@ -23,28 +23,32 @@ def one_line(err: Exception) -> str:
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """The SamplerSpec flags, shared by every command that samples."""
-    parser.add_argument("--sampler", default=None, help="ddim | ddpm | paella (default: the model's own: "
+    """The SamplerSpec flags, shared by every command that samples; unset ones keep SamplerSpec's defaults."""
+    from socarrat.config import SamplerSpec
+
+    default = {name: info.default for name, info in SamplerSpec.model_fields.items()}
+    parser.add_argument("--sampler", help="ddim | ddpm | paella (default: the model's own: "
                         "ddim for Gaussian models, paella for token models)")
-    parser.add_argument("--steps", type=int, default=None, help="default: 50 for ddim and ddpm, 12 for paella")
-    parser.add_argument("--spacing", default="trailing", help="leading | trailing | linspace")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    parser.add_argument("--height-px", type=int, default=None)
-    parser.add_argument("--width-px", type=int, default=None)
+    parser.add_argument("--steps", type=int, help="default: 50 for ddim and ddpm, 12 for paella")
+    parser.add_argument("--spacing", help=f"leading | trailing | linspace (default: {default['spacing']})")
+    parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: {default['guidance']})")
+    parser.add_argument("--height-px", type=int)
+    parser.add_argument("--width-px", type=int)
     parser.add_argument("--picard", action="store_true", help="Picard (ParaDiGMS) parallel sampling")
-    parser.add_argument("--window", type=int, default=32, help="Picard: steps evaluated per model call")
-    parser.add_argument("--tolerance", type=float, default=2e-3, help="Picard: accepted change of a state in final-image units; 0 = sequential")
-    parser.add_argument("--temperature", type=float, nargs=2, default=(1.0, 0.5), metavar=("FIRST", "LAST"),
-                        help="paella: sampling temperature at the first and the last step")
-    parser.add_argument("--renoise-steps", type=int, default=None, help="paella: steps followed by re-noising (default: all but the last)")
+    parser.add_argument("--window", type=int, help=f"Picard: steps evaluated per model call (default: {default['window']})")
+    parser.add_argument("--tolerance", type=float, help="Picard: accepted change of a state in final-image units; "
+                        f"0 = sequential (default: {default['tolerance']})")
+    parser.add_argument("--temperature", type=float, nargs=2, metavar=("FIRST", "LAST"),
+                        help=f"paella: sampling temperature at the first and the last step (default: {default['temperature']})")
+    parser.add_argument("--renoise-steps", type=int, help="paella: steps followed by re-noising (default: all but the last)")
 
 
 def sampler_spec(args: argparse.Namespace):
     from socarrat.config import SamplerSpec
 
-    return SamplerSpec(sampler=args.sampler, steps=args.steps, spacing=args.spacing, guidance=args.guidance,
-                       height_px=args.height_px, width_px=args.width_px, picard=args.picard, window=args.window,
-                       tolerance=args.tolerance, temperature=tuple(args.temperature), renoise_steps=args.renoise_steps)
+    names = ("sampler", "steps", "spacing", "guidance", "height_px", "width_px", "picard", "window", "tolerance",
+             "temperature", "renoise_steps")
+    return SamplerSpec(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
 
 
 def _check_out(out: str) -> None:
@@ -53,8 +57,9 @@ def _check_out(out: str) -> None:
 
 
 def _save(result, args: argparse.Namespace) -> None:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_bytes(result.png_bytes())
+    from socarrat import storage
+
+    storage.write_bytes(args.out, result.png_bytes())  # a local path or s3://, complete or not at all
     m = result.metadata
     print(f"wrote {args.out} ({m['model']}, {m['spec']['sampler']} {m['spec']['steps']} steps, "
           f"{result.image.width}x{result.image.height}, seed {args.seed}, {m['timings']['sample_s']:.2f} s)")
@@ -73,13 +78,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from socarrat.generator import Edit, Generator
+    from socarrat import storage
+    from socarrat.generator import Edit, Generator, read_image
 
-    def open_image(path: str, mode: str) -> Image.Image:
-        try:
-            return Image.open(path).convert(mode)
-        except OSError as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
+    def open_image(uri: str, mode: str) -> Image.Image:
+        return read_image(storage.read_bytes(uri), uri).convert(mode)
 
     _check_out(args.out)
     image = open_image(args.image, "RGB")

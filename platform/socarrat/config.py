@@ -137,6 +137,11 @@ class ModelSpec(_Spec):
             raise ValueError("an 'hdit' spec belongs to backbone 'hdit' only")
         if self.size_px % self.downsampling:
             raise ValueError(f"size_px={self.size_px} is not a multiple of {self.downsampling}")
+        if self.backbone == "unet":
+            if self.channels[0] % 2:
+                raise ValueError(f"channels[0]={self.channels[0]} must be even (it sizes the timestep embedding)")
+            if bad := [self.channels[lv] for lv in self.attention_levels if self.channels[lv] % self.heads]:
+                raise ValueError(f"attention level channels {bad} must be multiples of heads={self.heads}")
         return self
 
 

@@ -6,7 +6,6 @@ all call `Generator.generate`; none carries its own sampling loop. Knows nothing
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from socarrat.checkpoint import DEFAULT_MODEL, bundled_models, load_checkpoint
+from socarrat.checkpoint import DEFAULT_MODEL, load_checkpoint
 from socarrat.config import GenerationRequest, ModelSpec, SamplerSpec
-from socarrat.models import GaussianModel, build_model
+from socarrat.models import GaussianModel
 from socarrat.models.text import TextEncoding
 from socarrat.errors import UserError
 from socarrat.sampling import Denoise, Schedule, StepFn, cfg_denoiser, draw_noise, make_step, sample
@@ -33,10 +32,6 @@ DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "paella": 12}
 # encodings) and guidance, it yields the CFG denoiser and the conditioning that the sampler hands it.
 # `socarrat.parallel.PicardGroup.conditioned` runs them on Ray actors; None: on this Generator's model.
 DenoiserSource = Callable[[Any, float], AbstractContextManager[tuple[Denoise, Any]]]
-
-# The stand-in used until a default model is bundled: tiny, seeded, so its digest is stable.
-TINY_SPEC = ModelSpec(channels=(16, 32), attention_levels=(1,), heads=2, text={"width": 32, "embed_dim": 8, "layers": 1, "heads": 2})
-
 
 @dataclass
 class Result:
@@ -59,6 +54,16 @@ class Result:
         buf = io.BytesIO()
         self.image.save(buf, format="PNG", pnginfo=info)
         return buf.getvalue()
+
+
+def read_image(data: bytes, what: str) -> Image.Image:
+    """Decode an image file's bytes (any format PIL reads); UserError naming `what` if it cannot."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception as err:  # any decoder failure is the caller's file
+        raise UserError(f"{what} is not a readable image: {err}") from None
 
 
 @dataclass
@@ -133,13 +138,8 @@ class Generator:
 
     @classmethod
     def load(cls, name_or_uri: str | None = None, device: torch.device | str | None = None) -> Generator:
-        """A bundled model's name, a local checkpoint directory, or an s3:// prefix. None loads the
-        default bundled model, or a tiny random model while none is bundled."""
-        if name_or_uri is None and DEFAULT_MODEL not in bundled_models():
-            torch.manual_seed(0)
-            model = build_model(TINY_SPEC)
-            digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-            return cls(model, digest, "tiny-random", device)
+        """A bundled model's name, a local checkpoint directory, or an s3:// prefix; None: the
+        default bundled model."""
         model, config = load_checkpoint(name_or_uri, device="cpu")
         return cls(model, config["sha256"], name_or_uri or DEFAULT_MODEL, device)
 
@@ -179,7 +179,9 @@ class Generator:
         denoiser: DenoiserSource | None = None,
     ) -> list[Result]:
         """One image per (prompt, seed). The image for (prompt, seed, spec) does not depend on the
-        rest of the batch: noise comes from a per-sample generator and every op is per-sample.
+        rest of the batch: noise comes from a per-sample generator and every op is per-sample (up to
+        float rounding, which a batch's shape can change: bit-exact in fp32 on the CPU, ~1e-3 under
+        a GPU's bf16 autocast; a rare token of a token model can flip).
         `edit` (token models) pins or starts from the tokens of given images (see `Edit`); `blend`
         interpolates each prompt's conditioning towards another prompt's (any model). `denoiser`
         evaluates the model elsewhere (see `DenoiserSource`); it must hold this Generator's model."""
@@ -237,15 +239,20 @@ class Generator:
             raise UserError("image editing needs a token-family model and the paella sampler")
         if len(edit.images) != len(x):
             raise UserError(f"{len(edit.images)} edit images for {len(x)} prompts")
+        if edit.masks is None and not edit.start_step:
+            raise UserError("an edit needs masks (what to paint anew) or a start step > 0 (restyling), or it "
+                            "would ignore its images")
         f = self.spec.token.downsampling
         known = self.model.tokenize(edit.pixels(x.shape[1:], f).to(self.device))
         keep = edit.keep(x.shape[1:], f).to(self.device)
+        if unmarked := keep.flatten(1).all(1).nonzero()[:, 0].tolist():
+            raise UserError(f"the masks of edits {unmarked} mark no pixel, so they would change nothing")
         remaining = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps, edit.start_step)
         if edit.start_step:  # re-noised as the step before the start re-noises, on the full schedule
             k = edit.start_step - 1
             x = renoise(known, float(schedule.renoise[k]), noises[k], self.model.codebook_size)
         x = torch.where(keep, known, x)
-        return (x, remaining, make_token_step(remaining, spec.temperature), noises[edit.start_step:],
+        return (x, remaining, make_token_step(remaining, spec.temperature, edit.start_step), noises[edit.start_step:],
                 constrain(denoise), (known, keep, cond))
 
     def _autocast(self):

@@ -119,8 +119,8 @@ class PicardGroup:
         self._lost.clear()
         key = uuid.uuid4().hex
         cond_ref = ray.put(_to_device(cond, torch.device("cpu")))  # each actor moves it to its own device
-        self._gather([a.condition.remote(key, cond_ref, guidance) for a in self.actors])
-        try:
+        try:  # released on every actor that lives, even if one dies while taking it
+            self._gather([a.condition.remote(key, cond_ref, guidance) for a in self.actors])
             yield self._denoiser(key), RemoteRows()
         finally:
             for i, actor in enumerate(self.actors):

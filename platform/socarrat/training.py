@@ -174,6 +174,23 @@ def latest_checkpoint(out: str) -> tuple[int, str] | None:
     return (max(steps), storage.join(out, f"step-{max(steps):08d}")) if steps else None
 
 
+def resume_point(cfg: TrainConfig) -> tuple[int, str] | None:
+    """(step, URI) of the checkpoint a run of `cfg` resumes from, or None; UserError if that
+    checkpoint's model spec is not `cfg.model` (a different run's output folder)."""
+    if found := latest_checkpoint(cfg.out):
+        saved = json.loads(storage.read_bytes(storage.join(found[1], CONFIG)))["model"]
+        if ModelSpec.model_validate(saved) != cfg.model:
+            raise UserError(f"cannot resume from {found[1]}: its model spec differs from the requested one")
+    return found
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """The checks a user mistake fails, cheap enough for a driver before any worker starts:
+    shards to read, and a checkpoint to resume that fits the spec."""
+    list_shards(cfg.shards)
+    resume_point(cfg)
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -193,7 +210,7 @@ def train(
     """Train `cfg.model` on `cfg.shards`, resuming from the newest checkpoint under `cfg.out`.
 
     Rank 0 writes a checkpoint every `checkpoint_every` steps and at the end: the EMA weights (fp16,
-    loadable by `Generator`) plus `train_state.pt` (raw weights, EMA, optimiser, step).
+    loadable by `Generator`) plus `train_state.pt` (raw weights, EMA, optimiser).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
@@ -201,17 +218,16 @@ def train(
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
-    if found := latest_checkpoint(cfg.out):
+    if found := resume_point(cfg):
         start, uri = found
-        saved = json.loads(storage.read_bytes(storage.join(uri, CONFIG)))["model"]
-        if ModelSpec.model_validate(saved) != cfg.model:
-            raise UserError(f"cannot resume from {uri}: its model spec differs from the requested one")
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), map_location=device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
     data = load_examples(cfg.shards, cfg.model.size_px)
+    # Batches (numpy) and noise, timesteps, caption dropout (torch) differ per rank and per resume.
     rng = np.random.default_rng([cfg.seed, rank, start])
+    torch.manual_seed(int(rng.integers(2**63)))
     result = TrainResult(start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=rank != 0)
     t0, seen = time.perf_counter(), 0
@@ -250,10 +266,11 @@ def train(
 
 
 def save_training_checkpoint(cfg: TrainConfig, model: nn.Module, ema: GaussianModel, opt: torch.optim.Optimizer, step: int, corrupt: int, images_per_s: float) -> str:
-    """Write `out/step-XXXXXXXX/`: train_state.pt first, then the EMA model (config.json last)."""
+    """Write `out/step-XXXXXXXX/` (resume reads the step from the name): train_state.pt first, then the
+    EMA model (config.json last)."""
     uri = storage.join(cfg.out, f"step-{step:08d}")
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}, buf)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}, buf)
     storage.open_store(uri).put_bytes(STATE, buf.getvalue())
     train_info = {"step": step, "corrupt_samples": corrupt, "images_per_s": round(images_per_s, 1), "config": cfg.model_dump(mode="json", exclude={"model"})}
     save_checkpoint(ema, uri, extra={"training": train_info})

@@ -58,8 +58,9 @@ class GaussianModel(nn.Module):
         """Sampled state (B, C, H, W) -> pixels (B, 3, H, W) in [-1, 1]: already pixels here."""
         return x
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_model(spec: ModelSpec) -> GaussianModel | TokenModel:

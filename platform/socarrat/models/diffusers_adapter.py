@@ -144,9 +144,6 @@ class DiffusersModel(nn.Module):
         """Latents (B, 4, h, w) -> pixels (B, 3, h * f, w * f), about [-1, 1] (not clamped)."""
         return self.vae.decode(x / self.vae.config.scaling_factor, return_dict=False)[0]
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def _component(path: Path, index: dict, name: str):
     """Component `name`, loaded by the class model_index.json names for it (as diffusers does)."""

@@ -77,6 +77,3 @@ class TokenModel(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, h, w) long -> pixels (B, 3, h*f, w*f) in [-1, 1]."""
         return self.vq.decode(tokens).clamp(-1, 1)
-
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())

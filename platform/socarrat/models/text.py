@@ -9,6 +9,7 @@ Nothing here downloads weights. Depends on torch, open_clip's tokenizer and (for
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -55,11 +56,9 @@ class BuiltinTextEncoder(TextEncoder):
 
     def __init__(self, spec: TextEncoderSpec):
         super().__init__()
-        from open_clip.tokenizer import SimpleTokenizer
-
-        self.tokenizer = SimpleTokenizer(context_length=spec.context_length)
+        self.context_length = spec.context_length
         self.width = spec.width
-        self.token_embedding = nn.Embedding(len(self.tokenizer.encoder), spec.embed_dim)
+        self.token_embedding = nn.Embedding(len(_bpe(spec.context_length).encoder), spec.embed_dim)
         self.token_projection = nn.Linear(spec.embed_dim, spec.width)
         self.positional_embedding = nn.Parameter(torch.randn(spec.context_length, spec.width) * 0.02)
         layer = nn.TransformerEncoderLayer(
@@ -68,14 +67,10 @@ class BuiltinTextEncoder(TextEncoder):
         )
         self.transformer = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(spec.width)
-        self._ids: dict[str, torch.Tensor] = {}  # BPE is slow Python; prompts repeat in training
 
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, context_length) long BPE ids, 0-padded, truncated to the context length."""
-        for p in prompts:
-            if p not in self._ids:
-                self._ids[p] = self.tokenizer([p])[0]
-        return torch.stack([self._ids[p] for p in prompts])
+        return torch.stack([_bpe_ids(self.context_length, p) for p in prompts])
 
     def forward(self, prompts: Sequence[str]) -> TextEncoding:
         device = self.positional_embedding.device
@@ -87,6 +82,21 @@ class BuiltinTextEncoder(TextEncoder):
         eot = mask.sum(1) - 1
         pooled = x[torch.arange(len(ids), device=device), eot]
         return TextEncoding(x, pooled, mask)
+
+
+@functools.cache
+def _bpe(context_length: int):
+    """open_clip's bundled BPE tokenizer (works offline)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+# BPE is slow Python and prompts repeat (training captions, popular requests); bounded, so that a
+# server that sees endless new prompts keeps a fixed size.
+@functools.lru_cache(maxsize=4096)
+def _bpe_ids(context_length: int, prompt: str) -> torch.Tensor:
+    return _bpe(context_length)([prompt])[0]
 
 
 class HFTextEncoder(TextEncoder):

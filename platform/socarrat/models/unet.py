@@ -26,8 +26,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4), channels)
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm of about 4 channels a group, at most 32 groups; any width works (the group count
+    is the largest that divides it)."""
+    return nn.GroupNorm(math.gcd(min(32, channels // 4), channels), channels)
 
 
 class ResBlock(nn.Module):
@@ -35,9 +37,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, emb_dim: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -55,7 +57,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, text_width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.norm = _norm(channels)
+        self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.cross_norm = nn.LayerNorm(channels)
         self.q = nn.Linear(channels, channels)
@@ -109,7 +111,7 @@ class UNet(nn.Module):
         self.middle = level(ch[-1], ch[-1], len(ch) - 1)
         self.up = nn.ModuleList(level(2 * c, c, lv) for lv, c in enumerate(ch))
         self.upsample = nn.ModuleList(nn.Conv2d(ch[lv + 1], ch[lv], 3, padding=1) for lv in range(len(ch) - 1))
-        self.norm_out = _norm(ch[0])
+        self.norm_out = group_norm(ch[0])
         self.conv_out = nn.Conv2d(ch[0], out_channels or in_channels or spec.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)

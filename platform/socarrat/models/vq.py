@@ -16,17 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from socarrat.config import TokenSpec
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4), channels)
+from socarrat.models.unet import group_norm
 
 
 class _Res(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-                                  _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+        self.body = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  group_norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -42,11 +39,11 @@ class VQ(nn.Module):
         enc: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
         for cin, cout in zip(ch, ch[1:] + ch[-1:]):
             enc += [_Res(cin), nn.Conv2d(cin, cout, 4, stride=2, padding=1)]
-        self.encoder = nn.Sequential(*enc, _Res(ch[-1]), _norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], spec.code_dim, 1))
+        self.encoder = nn.Sequential(*enc, _Res(ch[-1]), group_norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], spec.code_dim, 1))
         dec: list[nn.Module] = [nn.Conv2d(spec.code_dim, ch[-1], 3, padding=1), _Res(ch[-1])]
         for cin, cout in zip(ch[::-1], ch[::-1][1:] + ch[:1]):
             dec += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1), _Res(cout)]
-        self.decoder = nn.Sequential(*dec, _norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1))
+        self.decoder = nn.Sequential(*dec, group_norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1))
         self.codebook = nn.Parameter(F.normalize(torch.randn(spec.codebook_size, spec.code_dim), dim=1))
         self.register_buffer("idle_steps", torch.zeros(spec.codebook_size, dtype=torch.long), persistent=False)
 
@@ -56,7 +53,14 @@ class VQ(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) float in [-1, 1] -> tokens (B, H/f, W/f) long."""
-        return (self._latents(images) @ F.normalize(self.codebook, dim=1).T).argmax(-1)
+        return self._nearest(self._latents(images), F.normalize(self.codebook, dim=1))
+
+    @staticmethod
+    def _nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Index of the most similar unit code for each unit latent (B, h, w, D), in float32 even under
+        autocast (bf16 similarities pick a code that is not the nearest for ~2% of the tokens)."""
+        with torch.autocast(z.device.type, enabled=False):
+            return (z.float() @ codebook.float().T).argmax(-1)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, h, w) long -> images (B, 3, h*f, w*f) float, about [-1, 1]."""
@@ -69,7 +73,7 @@ class VQ(nn.Module):
         if self.training:  # before the lookup: the codebook must not change between forward and backward
             self._restart_idle_codes(z.detach())
         codebook = F.normalize(self.codebook, dim=1)
-        tokens = (z @ codebook.T).argmax(-1)
+        tokens = self._nearest(z, codebook)
         q = codebook[tokens]
         codebook_loss = F.mse_loss(q, z.detach())
         commitment = F.mse_loss(z, q.detach())

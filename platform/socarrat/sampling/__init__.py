@@ -3,7 +3,8 @@
 `denoise(x, t, cond) -> model_output` takes x (B, C, H, W), t (B,) long timesteps and whatever
 conditioning the caller's model wants; `cfg_denoiser` wraps a model into one with classifier-free
 guidance. All randomness is drawn up front by `draw_noise` from per-sample seeds, so a sample never
-depends on what else is in its batch, and the Picard sampler can replay the same trajectory.
+depends on what else is in its batch (beyond float rounding, which can differ with the batch's
+shape, most under bf16 autocast), and the Picard sampler can replay the same trajectory.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ Anderson acceleration of the window cut no rounds on our model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -117,11 +117,12 @@ def sample_picard(
                     # back the steps' own results (diffusers sums in the latents' dtype, fp16 on GPUs).
                     new = (old[0].double() + (stepped.double() - old[:-1].double()).cumsum(0)).to(x.dtype)
                     change = (new - old[1:]).flatten(2).pow(2).mean(-1).sqrt() / y_scale[s + 1:e + 1, None]
+                    accepted = tolerance
                 else:  # tokens: Jacobi, each state its step's output, accepted only if unchanged
                     new = stepped
-                    change = (new != old[1:]).flatten(2).any(-1).float()
+                    change, accepted = (new != old[1:]).flatten(2).any(-1).float(), 0.0
                 traj[s + 1:e + 1, m] = new
-                begin[m] = s + _slide(change, tolerance)
+                begin[m] = s + _slide(change, accepted)
                 stop = min(int(begin[m].max()) + window, n)
                 if stop > e:  # guess the states the next windows add
                     traj[e + 1:stop + 1, m] = _extrapolate(step, new[-1], outs[-1], e, stop, noises, m)

@@ -89,12 +89,14 @@ def renoise(tokens: torch.Tensor, fraction: float, noise_i: torch.Tensor, codebo
     return torch.where(noise_i[:, 1] < fraction, uniform_to_token(noise_i[:, 2], codebook_size), tokens)
 
 
-def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float]) -> StepFn:
+def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float], start: int = 0) -> StepFn:
     """Paella's step: sample the clean tokens from logits / temperature (linear from the first to
     the last value over the steps), then re-noise `schedule.renoise[i]` of them with the starting
-    tokens. The draws are inverse-CDF on the pre-drawn uniforms, so the step is deterministic."""
-    n = len(schedule)
-    temperatures = torch.linspace(temperature[0], temperature[1], n).tolist() if n > 1 else [temperature[0]]
+    tokens. The draws are inverse-CDF on the pre-drawn uniforms, so the step is deterministic.
+    start > 0: `schedule` is the tail of a `start + len(schedule)`-step one (structural editing),
+    whose temperatures the steps keep."""
+    n = start + len(schedule)
+    temperatures = torch.linspace(temperature[0], temperature[1], n).tolist()[start:] if n > 1 else [temperature[0]]
     fractions = schedule.renoise.tolist()
 
     def step(x: torch.Tensor, logits: torch.Tensor, i: int, noise_i: torch.Tensor) -> torch.Tensor:
