@@ -12,6 +12,8 @@ The pipeline: `ray.data.read_*` -> check rows (`socarrat.massgen.check_rows`) ->
 (drop done keys, cut shards; the driver holds one small record per image, not the images) -> an
 autoscaling pool of model-holding actors, one shard per call -> publish the shard. Run the same
 command again to resume: the output layout and the exactly-once protocol are in `socarrat.massgen`.
+One run per --out at a time: a second run into the same --out stops with an error while the first
+lives (`socarrat.massgen.hold_lease`).
 
 Two environment variables inject faults for the tests: SOCARRAT_FAULT_ACTOR_EXIT_ONCE=<path> makes
 the first actor to create <path> exit mid-shard (rendered, not published); and
@@ -23,12 +25,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 import sys
 import time
+import uuid
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -40,6 +46,8 @@ from socarrat.generator import Generator
 
 _ACTOR_EXIT_ONCE = "SOCARRAT_FAULT_ACTOR_EXIT_ONCE"
 _DRIVER_EXIT_AFTER = "SOCARRAT_FAULT_DRIVER_EXIT_AFTER_SHARDS"
+# The last line of the traceback of one of our user errors, as Ray gives it for a failed actor __init__.
+_USER_ERROR_LINE = re.compile(r"^socarrat\.errors\.\w+: (.*)$", re.MULTILINE)
 
 
 class GenerateJob(BaseModel):
@@ -72,8 +80,13 @@ class GenerateJob(BaseModel):
 class ShardMaker:
     """A pool actor: loads the model once, then renders and publishes one shard per call."""
 
-    def __init__(self, model: str | None, out: str, batch_size: int, exit_marker: str | None):
+    def __init__(self, model: str | None, out: str, batch_size: int, exit_marker: str | None, digest: str):
         self.generator = Generator.load(model)
+        # The checkpoint replaced at its URI since the driver loaded it, or another one at the same
+        # local path on this node, would give images that job.json and the manifest do not describe.
+        if self.generator.digest != digest:
+            raise UserError(f"model {model or 'default'} has digest {self.generator.digest} on this worker, "
+                            f"not the driver's {digest}; give every node the same checkpoint")
         self.store = storage.open_store(out)
         self.batch_size, self.exit_marker = batch_size, exit_marker
 
@@ -102,29 +115,39 @@ def run(job: GenerateJob) -> dict[str, Any]:
     # The driver loads the model on the CPU for its digest: a missing or corrupt model, or a size
     # it cannot make, fails here, before any GPU work.
     generator = Generator.load(job.model, device="cpu")
-    spec = generator.resolve(job.spec)  # the model's defaults filled in: keys do not depend on how they were given
+    max_steps = generator.spec.train_timesteps
+    # The model's defaults filled in: keys do not depend on how they were given.
+    spec = massgen.check_spec(generator.resolve(job.spec), max_steps)
     generator.image_shape(spec)
     settings = massgen.RunSettings(model_digest=generator.digest, spec=spec,
                                    images_per_prompt=job.images_per_prompt, seed_base=job.seed_base)
     store = storage.open_store(job.out)
     massgen.claim_output(store, settings)
-    if not ray.is_initialized():
-        ray.init()
-    checked = _read_rows(files, settings)
-    plan = massgen.make_plan(checked, massgen.done_keys(store), job.shard_size)
-    shards.remove_incomplete(store)
-    massgen.write_failures(store, plan.failures)
-    t1 = time.perf_counter()
-    todo, exit_after = plan.shards, os.environ.get(_DRIVER_EXIT_AFTER)
-    if exit_after:
-        todo = todo[:int(exit_after)]
-    stats = [massgen.ShardStats(**row) for row in _make_shards(job, todo)]
-    if exit_after:
-        os._exit(3)
-    t2 = time.perf_counter()
-    summary = massgen.summarize(plan, stats, wall_s=t2 - t0, stage_s=t2 - t1)
-    massgen.write_summary(store, summary)
+    with massgen.hold_lease(store, _run_id()):
+        if not ray.is_initialized():
+            ray.init()
+        checked = _read_rows(files, settings, max_steps)
+        plan = massgen.make_plan(checked, massgen.done_keys(store), job.shard_size)
+        shards.remove_incomplete(store)
+        massgen.write_failures(store, plan.failures)
+        t1 = time.perf_counter()
+        todo, exit_after = plan.shards, os.environ.get(_DRIVER_EXIT_AFTER)
+        if exit_after:
+            todo = todo[:int(exit_after)]
+        stats = _make_shards(job, settings.model_digest, todo)
+        if exit_after:
+            os._exit(3)  # as if killed: the lease stays behind, held by a process that is gone
+        t2 = time.perf_counter()
+        summary = massgen.summarize(plan, stats, wall_s=t2 - t0, stage_s=t2 - t1)
+        massgen.write_summary(store, summary)
     return summary
+
+
+def _run_id() -> str:
+    """The Ray job's submission id when `ray job submit` started this driver, else a random id. The
+    job supervisor hands the id to the driver in this variable (ray/dashboard/modules/job/job_supervisor.py)."""
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return config.get("metadata", {}).get("job_submission_id") or f"local-{uuid.uuid4().hex[:12]}"
 
 
 _READERS = {
@@ -135,25 +158,48 @@ _READERS = {
 }
 
 
-def _read_rows(files: list[str], settings: massgen.RunSettings) -> list[dict[str, str]]:
+def _read_rows(files: list[str], settings: massgen.RunSettings, max_steps: int) -> list[dict[str, str]]:
     """Read every prompt file with Ray Data and check its rows, one block at a time (files may
-    differ in their columns and types)."""
+    differ in their columns and types). A file that cannot be read is a UserError; an error in our
+    own code keeps its traceback."""
     by_format: dict[str, list[str]] = {}
     for uri in files:
         fmt = next(e for e in massgen.PROMPT_FORMATS if uri.endswith(e))
         by_format.setdefault(fmt, []).append(uri.removeprefix("file://"))
-    parts = [_READERS[fmt](paths) for fmt, paths in sorted(by_format.items())]
+    parts = []
+    for fmt, paths in sorted(by_format.items()):
+        try:  # read_parquet reads the footers here, in the driver
+            parts.append(_READERS[fmt](paths))
+        except (pa.ArrowException, OSError) as err:
+            raise _unreadable(paths, err) from None
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     checked = dataset.map_batches(
-        lambda table: massgen.check_rows(table.to_pylist(), settings), batch_size=None, batch_format="pyarrow")
+        lambda table: massgen.check_rows(table.to_pylist(), settings, max_steps), batch_size=None, batch_format="pyarrow")
     try:
         return list(checked.iter_rows())
     except ray.exceptions.RayTaskError as err:
-        cause = err.cause.__cause__ or err.cause  # Ray Data wraps the reader's error once more
-        raise UserError(f"cannot read the prompt files {', '.join(files)}: {str(cause).splitlines()[0]}") from None
+        if isinstance(err.cause, ray.exceptions.UserCodeException):  # raised by check_rows: our bug
+            raise
+        raise _unreadable(files, err.cause.__cause__ or err.cause) from None  # Ray Data may wrap it once more
 
 
-def _make_shards(job: GenerateJob, todo: list[tuple[str, list[massgen.ImageTask]]]) -> Iterator[dict[str, Any]]:
+def _unreadable(paths: list[str], err: BaseException) -> UserError:
+    return UserError(f"cannot read the prompt files {', '.join(paths)}: {str(err).splitlines()[0]}")
+
+
+def _make_shards(job: GenerateJob, digest: str, todo: list[tuple[str, list[massgen.ImageTask]]]) -> list[massgen.ShardStats]:
+    """Make the shards of `todo` on a pool of ShardMaker actors; a UserError from their start (a
+    model missing or different on a worker node) as one line."""
+    try:
+        return [massgen.ShardStats(**row) for row in _shard_pool(job, digest, todo)]
+    except ray.exceptions.RayActorError as err:
+        found = _USER_ERROR_LINE.findall(str(err)) if err.actor_init_failed else []
+        if not found:
+            raise
+        raise UserError(f"a shard worker could not start: {found[-1]}") from None
+
+
+def _shard_pool(job: GenerateJob, digest: str, todo: list[tuple[str, list[massgen.ImageTask]]]) -> Iterator[dict[str, Any]]:
     if not todo:
         return iter(())
     items = [{"shard": name, "tasks": massgen.TASKS.dump_json(tasks).decode()} for name, tasks in todo]
@@ -170,7 +216,7 @@ def _make_shards(job: GenerateJob, todo: list[tuple[str, list[massgen.ImageTask]
         num_gpus=num_gpus,
         num_cpus=job.num_cpus_per_worker,
         fn_constructor_kwargs={"model": job.model, "out": job.out, "batch_size": job.batch_size,
-                               "exit_marker": os.environ.get(_ACTOR_EXIT_ONCE)},
+                               "exit_marker": os.environ.get(_ACTOR_EXIT_ONCE), "digest": digest},
     )
     return made.iter_rows()
 

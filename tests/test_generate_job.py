@@ -9,8 +9,11 @@ neither, and the images equal those of `Generator.generate`.
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from jobs.generate import GenerateJob, main, run
+from jobs.generate import GenerateJob, ShardMaker, main, run
 from socarrat import massgen, storage
 from socarrat.checkpoint import save_checkpoint
 from socarrat.config import SamplerSpec
@@ -32,6 +35,7 @@ from socarrat.shards import read_manifest, read_shard, write_shard
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = SamplerSpec(steps=2)
 SETTINGS = massgen.RunSettings(model_digest="0" * 64, spec=SPEC, images_per_prompt=2)
+MAX_STEPS = 1000  # the train timesteps of the tiny models
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +80,12 @@ def pixels(png):
 # --- rules, no Ray -------------------------------------------------------------------------
 
 def test_keys_and_seeds_are_stable_and_follow_id_and_seed():
-    a = massgen.tasks_for_row({"prompt": "a red circle"}, SETTINGS)
-    assert a == massgen.tasks_for_row({"prompt": "a red circle", "path": "elsewhere.txt"}, SETTINGS)
+    a = massgen.tasks_for_row({"prompt": "a red circle"}, SETTINGS, MAX_STEPS)
+    assert a == massgen.tasks_for_row({"prompt": "a red circle", "path": "elsewhere.txt"}, SETTINGS, MAX_STEPS)
     assert [t.key.rsplit("-", 1)[1] for t in a] == ["0", "1"] and a[0].seed != a[1].seed
-    assert a[0].key != massgen.tasks_for_row({"prompt": "a red circle", "guidance": 1.0}, SETTINGS)[0].key
-    assert a[0].seed != massgen.tasks_for_row({"prompt": "a red circle"}, SETTINGS.model_copy(update={"seed_base": 1}))[0].seed
-    b = massgen.tasks_for_row({"prompt": "x", "id": "row_7", "seed": "41", "steps": 3}, SETTINGS)
+    assert a[0].key != massgen.tasks_for_row({"prompt": "a red circle", "guidance": 1.0}, SETTINGS, MAX_STEPS)[0].key
+    assert a[0].seed != massgen.tasks_for_row({"prompt": "a red circle"}, SETTINGS.model_copy(update={"seed_base": 1}), MAX_STEPS)[0].seed
+    b = massgen.tasks_for_row({"prompt": "x", "id": "row_7", "seed": "41", "steps": 3}, SETTINGS, MAX_STEPS)
     assert [(t.key, t.seed, t.spec.steps) for t in b] == [("row_7-0", 41, 3), ("row_7-1", 42, 3)]
     assert all("." not in t.key for t in a + b)
 
@@ -95,17 +99,21 @@ def test_keys_and_seeds_are_stable_and_follow_id_and_seed():
     ({"prompt": "x", "seed": 2**63 - 1}, "seed must be"),
     ({"prompt": "x", "seed": "abc"}, "seed must be"),
     ({"prompt": "x", "steps": 0}, "steps"),
+    # Valid for SamplerSpec, not for the model: the actor would fail the shard on every rerun.
+    ({"prompt": "x", "steps": MAX_STEPS + 1}, f"steps must be in 1..{MAX_STEPS} for this model"),
     ({"prompt": "x", "guidance": "lots"}, "guidance"),
+    ({"prompt": "x", "guidance": "inf"}, "guidance must be a finite number"),
+    ({"prompt": "x", "guidance": "nan"}, "guidance"),
     ({"prompt": "x", "id": "a.b"}, "id must be"),
 ])
 def test_a_bad_row_is_rejected_with_its_reason(row, reason):
-    checked = massgen.check_rows([row], SETTINGS)
+    checked = massgen.check_rows([row], SETTINGS, MAX_STEPS)
     assert checked["tasks"] == [""] and reason in checked["error"][0]
 
 
 def test_plan_dedupes_rejects_id_clashes_and_recuts_the_same_shards():
     rows = [{"prompt": f"p{i}"} for i in range(9)] + [{"prompt": "p0"}, {"prompt": "a", "id": "x"}, {"prompt": "b", "id": "x"}]
-    checked = massgen.check_rows(rows, SETTINGS)
+    checked = massgen.check_rows(rows, SETTINGS, MAX_STEPS)
     checked = [dict(zip(checked, values)) for values in zip(*checked.values())]
     plan = massgen.make_plan(checked, set(), shard_size=4)
     assert (plan.rows, plan.rows_duplicate, plan.images_expected) == (12, 1, 20)
@@ -119,7 +127,7 @@ def test_plan_dedupes_rejects_id_clashes_and_recuts_the_same_shards():
 
 def test_plan_groups_shards_by_sampler_spec():
     rows = [{"prompt": f"p{i}", "steps": 2 + i % 2} for i in range(8)]
-    checked = massgen.check_rows(rows, SETTINGS.model_copy(update={"images_per_prompt": 1}))
+    checked = massgen.check_rows(rows, SETTINGS.model_copy(update={"images_per_prompt": 1}), MAX_STEPS)
     plan = massgen.make_plan([dict(zip(checked, v)) for v in zip(*checked.values())], set(), shard_size=4)
     assert [{t.spec.steps for t in tasks} for _, tasks in plan.shards] == [{2}, {3}]
 
@@ -148,6 +156,8 @@ def test_missing_prompts_model_or_bucket_and_unwritable_out_fail_before_any_work
         (["--prompts", str(prompts), "--out", str(tmp_path / "file" / "o4"), "--model", model_dir], "cannot write"),
         (["--prompts", str(prompts), "--out", "s3://no-such-bucket-here/run", "--model", model_dir], "does not exist"),
         (["--prompts", str(prompts), "--out", str(tmp_path / "o5"), "--min-workers", "3", "--max-workers", "2"], "max_workers"),
+        (["--prompts", str(prompts), "--out", str(tmp_path / "o6"), "--model", model_dir, "--steps", "5000"],
+         "steps must be in 1..1000 for this model, got 5000"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -164,12 +174,86 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
         massgen.claim_output(out, SETTINGS.model_copy(update={"spec": SamplerSpec(steps=3)}))
 
 
+def lease(run_id="other", host=None, pid=None, age_s=0.0):
+    now = time.time()
+    return massgen.Lease(run_id=run_id, host=host or socket.gethostname(), pid=pid or os.getpid(),
+                         started_at=now - age_s, heartbeat_at=now - age_s)
+
+
+def put_lease(store, held):
+    store.put_bytes(massgen.LEASE, held.model_dump_json().encode())
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lease(model_dir, tmp_path, capsys):
+    store = storage.open_store(str(tmp_path / "out"))
+    with massgen.hold_lease(store, "first") as held:
+        assert massgen.Lease.model_validate_json(store.get_bytes(massgen.LEASE)) == held
+        with pytest.raises(UserError, match=f"another run is writing to .*run first, pid {os.getpid()}"):
+            with massgen.hold_lease(store, "second"):
+                pass
+    assert not store.exists(massgen.LEASE)  # released at the end
+    # Through the command: refused before the orphan tar of the live run is touched.
+    put_lease(store, lease(host="elsewhere", pid=1))
+    write_shard(store, "shards/shard-in-flight.tar", [("k", {"txt": b"x"})])
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--model", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert "pid 1 on elsewhere" in err and "ray job stop" in err and len(err.strip().splitlines()) == 1, err
+    assert store.exists("shards/shard-in-flight.tar")
+
+
+def test_a_stale_lease_or_one_of_a_dead_process_is_taken_over(tmp_path):
+    store = storage.open_store(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for left in (lease(host="elsewhere", age_s=massgen.LEASE_STALE_S + 1), lease(pid=int(dead.stdout))):
+        put_lease(store, left)
+        with massgen.hold_lease(store, "next") as held:
+            assert massgen.Lease.model_validate_json(store.get_bytes(massgen.LEASE)) == held and held.run_id == "next"
+
+
+def test_the_lease_is_refreshed_while_held_and_a_lease_taken_over_is_left_alone(tmp_path, monkeypatch):
+    store = storage.open_store(str(tmp_path))
+    with massgen.hold_lease(store, "me") as held:
+        put_lease(store, lease(run_id="newer"))  # taken over while this run stalled
+    assert massgen.Lease.model_validate_json(store.get_bytes(massgen.LEASE)).run_id == "newer"
+    # Nor does the heartbeat overwrite it: it stops.
+    monkeypatch.setattr(massgen, "LEASE_HEARTBEAT_S", 0.01)
+    beats = threading.Thread(target=massgen._heartbeat, args=(store, held, threading.Event()), daemon=True)
+    beats.start()
+    beats.join(timeout=30)
+    assert not beats.is_alive() and massgen.Lease.model_validate_json(store.get_bytes(massgen.LEASE)).run_id == "newer"
+    store.delete(massgen.LEASE)
+    with massgen.hold_lease(store, "me") as held:
+        deadline = time.monotonic() + 30
+        while massgen.Lease.model_validate_json(store.get_bytes(massgen.LEASE)).heartbeat_at == held.heartbeat_at:
+            assert time.monotonic() < deadline, "no heartbeat"
+
+
+def test_a_worker_refuses_a_model_with_another_digest(model_dir, tmp_path):
+    with pytest.raises(UserError, match=f"digest [0-9a-f]{{64}} on this worker, not the driver's {'0' * 64}"):
+        ShardMaker(model_dir, str(tmp_path), batch_size=2, exit_marker=None, digest="0" * 64)
+
+
 # --- end to end on Ray ----------------------------------------------------------------------------
 
-def test_an_unparsable_prompt_file_is_a_clear_error(ray_session, model_dir, tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle"}\n{"prompt": "broken\n')
-    with pytest.raises(UserError, match="cannot read the prompt files .*p.jsonl"):
-        run(job(str(tmp_path / "p.jsonl"), str(tmp_path / "out"), model_dir))
+@pytest.mark.parametrize("name, content", [
+    ("p.jsonl", b'{"prompt": "a red circle"}\n{"prompt": "broken\n'),
+    ("p.parquet", b"PAR1 not a parquet file"),  # read_parquet reads the footer in the driver
+])
+def test_an_unparsable_prompt_file_is_a_clear_error(ray_session, model_dir, tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=f"cannot read the prompt files .*{name}"):
+        run(job(str(tmp_path / name), str(tmp_path / "out"), model_dir))
+
+
+def test_workers_with_another_model_than_the_driver_stop_the_run_with_one_line(ray_session, model_dir, reference,
+                                                                                tmp_path, monkeypatch):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    # The driver sees other weights than the workers will load (the checkpoint was replaced meanwhile).
+    replaced = Generator(reference.model, "f" * 64, reference.name, device="cpu")
+    monkeypatch.setattr(Generator, "load", classmethod(lambda cls, *args, **kwargs: replaced))
+    with pytest.raises(UserError, match=f"a shard worker could not start: .* not the driver's {'f' * 64}"):
+        run(job(str(tmp_path / "p.txt"), str(tmp_path / "out"), model_dir))
 
 
 def test_local_run_writes_each_image_once_and_a_rerun_makes_none(ray_session, model_dir, reference, tmp_path):
@@ -252,6 +336,7 @@ def test_a_killed_run_then_a_rerun_ends_with_each_image_once(ray_session, model_
     killed = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 3, killed.stderr[-3000:]
     assert not (out / "summary.json").exists()
+    assert (out / "lease.json").exists()  # left by the killed driver: the rerun must take it over
     done_before = manifest_keys(str(out))
     # A tar published without its manifest part (its writer died in between): not done, so the
     # rerun deletes it, or the key it holds would be in two tars.
@@ -264,7 +349,7 @@ def test_a_killed_run_then_a_rerun_ends_with_each_image_once(ray_session, model_
     assert (summary["images_done_before"], summary["images_generated"]) == (2, 4)
     keys = manifest_keys(str(out))
     assert len(keys) == len(set(keys)) == 6 and set(done_before) <= set(keys)
-    assert not store.exists("shards/shard-orphan.tar")
+    assert not store.exists("shards/shard-orphan.tar") and not store.exists("lease.json")
     tars = store.list("shards/")
     assert Counter(key for k in tars for key, _ in read_shard(store.url(k))) == Counter(keys)
 

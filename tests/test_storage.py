@@ -6,6 +6,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from socarrat.errors import NotFoundError, UserError
 from socarrat.storage import S3Store, Store, is_remote, join, open_store, read_bytes, write_bytes
@@ -103,6 +104,39 @@ def test_put_file_if_absent_first_writer_wins(store_uri: str, tmp_path: Path, si
         client = boto3.session.Session().client("s3")
         uploads = client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
         assert uploads == [], "the refused multipart upload was aborted, leaving no parts behind"
+
+
+class _ConflictOnce:
+    """An S3 client whose first `op` call answers 409 ConditionalRequestConflict, as S3 does when a
+    conditional write races another operation on the key; S3's documentation says to retry."""
+
+    def __init__(self, client, op: str):
+        self.client, self.op, self.conflicts = client, op, 0
+
+    def __getattr__(self, name: str):
+        if name != self.op or self.conflicts:
+            return getattr(self.client, name)
+
+        def conflict(**kwargs):
+            self.conflicts += 1
+            raise ClientError({"Error": {"Code": "ConditionalRequestConflict", "Message": "retry"},
+                               "ResponseMetadata": {"HTTPStatusCode": 409}}, name)
+        return conflict
+
+
+@pytest.mark.parametrize("size_bytes, op", [(1000, "put_object"), (11 * MIB, "complete_multipart_upload")],
+                         ids=["small", "multipart"])
+def test_a_conditional_write_that_meets_a_conflict_is_retried(s3_bucket: str, tmp_path: Path, size_bytes: int,
+                                                              op: str) -> None:
+    store = _small_parts(s3_bucket)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(size_bytes))
+    store._client = _ConflictOnce(store._client, op)
+    assert store.put_file("f.bin", src, if_absent=True) is True  # 409 is not "already there"
+    assert store._client.conflicts == 1 and store.get_bytes("f.bin") == src.read_bytes()
+    store._client.conflicts = 0
+    assert store.put_file("f.bin", tmp_path / "src.bin", if_absent=True) is False  # now it is: 412
+    assert store._client.conflicts == 1
 
 
 def test_missing_key_names_its_uri(store_uri: str, tmp_path: Path) -> None:

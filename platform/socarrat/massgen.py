@@ -12,6 +12,7 @@ rejected, all but the first in (key, content) order.
 Output layout under --out (`socarrat.shards` owns the tar + manifest pair):
 
     job.json                 RunSettings of the first run; a rerun must repeat them
+    lease.json               the Lease of the run writing now, if any
     shards/{name}.tar        {key}.png + {key}.json per image, members grouped by key
     manifest/{name}.parquet  one row per image: key, shard, prompt, seed, sampler settings, model
     failures.jsonl           the input rows rejected, with the reason
@@ -25,19 +26,30 @@ last, both first-writer-wins, so a retried or duplicated attempt changes nothing
 has published. A key lands in at most one done shard, since done keys are never planned again and a
 plan holds each key once, and in at least one, since every key not done is planned. Removing whole
 shards from the order and cutting again gives back the other shards (all but the last are full), so
-a rerun of the same command gives each unfinished shard its old name. One run per --out at a time:
-step 2 would delete another run's tar in flight.
+a rerun of the same command gives each unfinished shard its old name.
+
+One run per --out at a time, since step 2 would delete another run's tar in flight: a run holds
+lease.json (`hold_lease`) from before step 1 to its end and refreshes it every LEASE_HEARTBEAT_S. A
+lease not refreshed for LEASE_STALE_S, or left by a process of this host that is gone, belongs to a
+run that died and is taken over; any other lease makes the new run stop with an error naming the
+holder. (Two runs that find the same stale lease at the same instant can both take it over; S3
+offers no compare-and-delete that would close that window.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 import math
+import os
 import re
+import socket
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +63,9 @@ from socarrat.generator import Generator, Result
 
 PROMPT_FORMATS = (".jsonl", ".csv", ".txt", ".parquet")
 MAX_PROMPT_CHARS = 1000
-JOB, FAILURES, SUMMARY = "job.json", "failures.jsonl", "summary.json"
+JOB, FAILURES, SUMMARY, LEASE = "job.json", "failures.jsonl", "summary.json", "lease.json"
+LEASE_HEARTBEAT_S = 30.0
+LEASE_STALE_S = 120.0  # four missed heartbeats: a run killed elsewhere blocks its rerun this long
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _GLOB = re.compile(r"[*?\[]")
 MANIFEST_SCHEMA = pa.schema([
@@ -88,6 +102,29 @@ class ImageTask(_Frozen):
 TASKS = TypeAdapter(list[ImageTask])
 
 
+class Lease(_Frozen):
+    """Which run is writing into an --out now; times are Unix seconds of the holder's clock."""
+
+    run_id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+
+    def live(self, now: float) -> bool:
+        """Whether its run may still be writing: refreshed recently, by a process not known to be gone."""
+        if now - self.heartbeat_at > LEASE_STALE_S:
+            return False
+        if self.host == socket.gethostname():
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # another user's process: alive
+                pass
+        return True
+
+
 def prompt_files(uri: str) -> list[str]:
     """The prompt files named by `uri`: one file, a folder or prefix, or a glob (`s3://b/p/*.csv`).
     NotFoundError, before any work starts, when nothing readable is there."""
@@ -110,8 +147,20 @@ def prompt_files(uri: str) -> list[str]:
     return found
 
 
-def tasks_for_row(row: Mapping[str, Any], settings: RunSettings) -> list[ImageTask]:
-    """The images of one input row; UserError naming the field when the row is unusable."""
+def check_spec(spec: SamplerSpec, max_steps: int) -> SamplerSpec:
+    """`spec` if a model with `max_steps` train timesteps can sample it, else UserError. pydantic
+    lets an infinite guidance through (also from the string "inf"), which makes meaningless images."""
+    if spec.steps is not None and spec.steps > max_steps:
+        raise UserError(f"steps must be in 1..{max_steps} for this model, got {spec.steps}")
+    if not math.isfinite(spec.guidance):
+        raise UserError(f"guidance must be a finite number >= 0, got {spec.guidance}")
+    return spec
+
+
+def tasks_for_row(row: Mapping[str, Any], settings: RunSettings, max_steps: int) -> list[ImageTask]:
+    """The images of one input row; UserError naming the field when the row is unusable, also for a
+    sampler setting the model cannot run (`max_steps`: its train timesteps), which would otherwise
+    fail the shard holding the row, on every rerun."""
     prompt = _text(row, "prompt")
     if not prompt.strip():
         raise UserError("prompt is empty")
@@ -120,7 +169,7 @@ def tasks_for_row(row: Mapping[str, Any], settings: RunSettings) -> list[ImageTa
     negative = _text(row, "negative_prompt", default="")
     n = settings.images_per_prompt
     seed = _seed(row.get("seed"), n)
-    spec = _spec(settings.spec, {k: row[k] for k in ("steps", "guidance") if row.get(k) is not None})
+    spec = check_spec(_spec(settings.spec, {k: row[k] for k in ("steps", "guidance") if row.get(k) is not None}), max_steps)
     # Defaults left out: a sampler field added later must not change the keys of earlier runs.
     base = _id(row.get("id")) or _digest([prompt, negative, seed, spec.model_dump(exclude_defaults=True)])
     seeds = [seed + j if seed is not None else _derived_seed(settings.seed_base, base, j) for j in range(n)]
@@ -128,7 +177,7 @@ def tasks_for_row(row: Mapping[str, Any], settings: RunSettings) -> list[ImageTa
             for j, s in enumerate(seeds)]
 
 
-def check_rows(rows: Iterable[dict[str, Any]], settings: RunSettings) -> dict[str, list[str]]:
+def check_rows(rows: Iterable[dict[str, Any]], settings: RunSettings, max_steps: int) -> dict[str, list[str]]:
     """Columns for a batch of input rows: `tasks` (a JSON list of ImageTask, or "") and `error`
     (the reason it was rejected, or ""), beside `source`, the row as JSON."""
     out: dict[str, list[str]] = {"source": [], "tasks": [], "error": []}
@@ -136,7 +185,7 @@ def check_rows(rows: Iterable[dict[str, Any]], settings: RunSettings) -> dict[st
         # Readers mark a missing value as None, or as NaN where they went through pandas (JSON lines).
         row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
         try:
-            tasks, error = TASKS.dump_json(tasks_for_row(row, settings)).decode(), ""
+            tasks, error = TASKS.dump_json(tasks_for_row(row, settings, max_steps)).decode(), ""
         except UserError as err:
             tasks, error = "", str(err)
         out["source"].append(json.dumps(row, default=str, ensure_ascii=False))
@@ -205,6 +254,58 @@ def claim_output(store: storage.Store, settings: RunSettings) -> None:
         diff = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in old if old[k] != new[k])
         raise UserError(f"{store.url(JOB)} records a run with other settings ({diff}); "
                         "rerun with the recorded settings to resume it, or choose another --out")
+
+
+@contextlib.contextmanager
+def hold_lease(store: storage.Store, run_id: str) -> Iterator[Lease]:
+    """Hold the lease of --out `store` while the block runs, refreshing it from a daemon thread;
+    UserError naming the holder when another live run holds it (see the module docstring)."""
+    lease = _acquire_lease(store, run_id)
+    stop = threading.Event()
+    beats = threading.Thread(target=_heartbeat, args=(storage.open_store(store.uri), lease, stop),
+                             name="socarrat-lease", daemon=True)
+    beats.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        beats.join()
+        with contextlib.suppress(NotFoundError):
+            if Lease.model_validate_json(store.get_bytes(LEASE)).run_id == run_id:  # not taken over meanwhile
+                store.delete(LEASE)
+
+
+def _acquire_lease(store: storage.Store, run_id: str) -> Lease:
+    now = time.time()
+    lease = Lease(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), started_at=now, heartbeat_at=now)
+    for _ in range(3):
+        if store.put_bytes(LEASE, lease.model_dump_json(indent=2).encode(), if_absent=True):
+            return lease
+        try:
+            held = Lease.model_validate_json(store.get_bytes(LEASE))
+        except NotFoundError:  # released in between
+            continue
+        if held.live(now):
+            raise UserError(
+                f"another run is writing to {store.uri}: run {held.run_id}, pid {held.pid} on {held.host}, "
+                f"started {time.ctime(held.started_at)}, last seen {now - held.heartbeat_at:.0f} s ago "
+                f"({store.url(LEASE)}); wait for it to end, or stop it (`ray job stop <submission id>` if "
+                f"`ray job submit` started it, see `ray job list`; else kill pid {held.pid} on {held.host}) and "
+                f"run again; a lease not refreshed for {LEASE_STALE_S:.0f} s is taken over")
+        store.delete(LEASE)  # its run died: take it over
+    raise UserError(f"{store.url(LEASE)} keeps changing: other runs are starting into {store.uri}; run one at a time")
+
+
+def _heartbeat(store: storage.Store, lease: Lease, stop: threading.Event) -> None:
+    log = logging.getLogger(__name__)
+    while not stop.wait(LEASE_HEARTBEAT_S):
+        try:
+            if Lease.model_validate_json(store.get_bytes(LEASE)).run_id != lease.run_id:
+                log.error("%s was taken over by another run after this one stalled; run one at a time", store.url(LEASE))
+                return
+            store.put_bytes(LEASE, lease.model_copy(update={"heartbeat_at": time.time()}).model_dump_json(indent=2).encode())
+        except Exception as err:  # a missed beat is retried; the lease goes stale only after several
+            log.warning("cannot refresh %s: %s", store.url(LEASE), err)
 
 
 def done_keys(store: storage.Store) -> set[str]:

@@ -9,8 +9,11 @@ through `Store`, so S3 == local can be tested once, here.
 import abc
 import contextlib
 import functools
+import itertools
 import os
+import random
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +28,11 @@ from socarrat.errors import NotFoundError, UserError
 PART_SIZE_BYTES = 8 * 1024 * 1024
 _TMP_PREFIX = ".tmp-"
 _MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
-_ALREADY_EXISTS = ("PreconditionFailed", "ConditionalRequestConflict")  # HTTP 412 and 409
+_ALREADY_EXISTS = "PreconditionFailed"  # HTTP 412
+# HTTP 409: a conditional write raced another operation on the key; S3 asks to retry it (a multipart
+# upload from its start), and then answers 412 if the other write created the object.
+_CONFLICT = "ConditionalRequestConflict"
+_CONFLICT_RETRIES = 5
 _DENIED = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 
 
@@ -162,11 +169,15 @@ class S3Store(Store):
     def put_file(self, key: str, path: str | os.PathLike, *, if_absent: bool = False) -> bool:
         with _os_errors(_file_uri(path)), open(path, "rb") as src:
             size = os.fstat(src.fileno()).st_size
-            if size <= self.part_size_bytes:
-                return self._write(key, if_absent, lambda extra: self._client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=src, **extra))
-            return self._write(
-                key, if_absent, lambda extra: self._put_parts(self._key(key), src, size, extra))
+
+            def upload(extra: dict) -> None:
+                src.seek(0)  # a retried upload starts again
+                if size <= self.part_size_bytes:
+                    self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=src, **extra)
+                else:
+                    self._put_parts(self._key(key), src, size, extra)
+
+            return self._write(key, if_absent, upload)
 
     def _put_parts(self, full_key: str, src: BinaryIO, size: int, extra: dict) -> None:
         part_size = max(self.part_size_bytes, -(-size // _MAX_PARTS))
@@ -222,13 +233,17 @@ class S3Store(Store):
 
     def _write(self, key: str, if_absent: bool, upload: Callable[[dict], object]) -> bool:
         """Run `upload(extra_args)`; with `if_absent`, S3 itself refuses to overwrite, so no race."""
-        try:
-            upload({"IfNoneMatch": "*"} if if_absent else {})
-        except ClientError as err:
-            if if_absent and err.response["Error"].get("Code") in _ALREADY_EXISTS:
-                return False
-            raise self._error(err, key) from None
-        return True
+        for attempt in itertools.count():
+            try:
+                upload({"IfNoneMatch": "*"} if if_absent else {})
+                return True
+            except ClientError as err:
+                code = err.response["Error"].get("Code")
+                if if_absent and code == _ALREADY_EXISTS:
+                    return False
+                if code != _CONFLICT or attempt == _CONFLICT_RETRIES:
+                    raise self._error(err, key) from None
+            time.sleep(random.uniform(0, 0.05 * 2 ** attempt))  # jitter: the racing writer retries too
 
     @contextlib.contextmanager
     def _errors(self, key: str | None = None) -> Iterator[None]:
