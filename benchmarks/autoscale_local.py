@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,6 +90,20 @@ def autoscaler_events(session_dir: str) -> list[str]:
             for line in lines if ":event_summary:" in line]
 
 
+def idle_removals(events: list[str]) -> int:
+    """GPU worker nodes the autoscaler's event summaries say it removed for being idle."""
+    return sum(int(m.group(1)) for e in events if (m := re.search(r"Removing (\d+) nodes of type gpu_worker \(idle\)", e)))
+
+
+def _removal_logged(session_dir: str, nodes: int, timeout_s: float = 20.0) -> list[str]:
+    """The events once they record `nodes` idle removals: the monitor writes its summary a moment
+    after the nodes are gone from the cluster's state (or whatever is logged by `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while idle_removals(events := autoscaler_events(session_dir)) < nodes and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return events
+
+
 def run(prompts: str, timeout_s: float = 240.0) -> dict:
     """Start the fake cluster, run the job, record the GPU-node timeline; always stops the cluster."""
     import ray
@@ -121,7 +136,7 @@ def run(prompts: str, timeout_s: float = 240.0) -> dict:
         if job_end is None:
             job.kill()
             job.wait()
-        events = autoscaler_events(session_dir)
+        events = _removal_logged(session_dir, max(p["gpu_nodes"] for p in timeline)) if job_end else autoscaler_events(session_dir)
     finally:
         ray.shutdown()
         stop_cluster(session_dir, gcs_address)

@@ -6,10 +6,9 @@ provider (`cluster-local.yaml`) on the GCS's default port 6379, `jobs.generate` 
 processes of the cluster it started.
 """
 
-import re
 from pathlib import Path
 
-from benchmarks.autoscale_local import run
+from benchmarks.autoscale_local import idle_removals, run
 
 PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 
@@ -23,8 +22,7 @@ def test_gpu_nodes_come_for_the_job_and_go_after_it():
     assert any(p["gpu_nodes"] == 2 and p["job_running"] for p in result["timeline"])
     # Scale-down: after the job, the autoscaler removed them for being idle.
     assert result["all_removed_at_s"] is not None
-    idle = [re.search(r"Removing (\d+) nodes of type gpu_worker \(idle\)", e) for e in result["autoscaler_events"]]
-    assert sum(int(m.group(1)) for m in idle if m) == 2, result["autoscaler_events"]  # at once or one by one
+    assert idle_removals(result["autoscaler_events"]) == 2, result["autoscaler_events"]  # at once or one by one
     # Only GPU workers come and go: the head type is never launched as a worker (the churn that a
     # head type not named `ray.head.default` caused).
     changes = [e for e in result["autoscaler_events"] if "Adding" in e or "Removing" in e]
