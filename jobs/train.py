@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if field.annotation is bool:
             p.add_argument(flag, action="store_true", help=field.description)
         else:
-            p.add_argument(flag, type=field.annotation, default=field.default, help=field.description)
+            kind = next((a for a in get_args(field.annotation) if a is not type(None)), field.annotation)  # X | None -> X
+            p.add_argument(flag, type=kind, default=field.default, help=field.description)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = in this process")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (default: CPU workers)")
     args = p.parse_args(argv)

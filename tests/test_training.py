@@ -1,5 +1,6 @@
 """Training: shapes shards through storage, a tiny run whose loss falls, resume, Ray Train, evaluation."""
 
+import copy
 import io
 import json
 import tarfile
@@ -12,8 +13,9 @@ from conftest import TINY_SPEC
 from jobs.evaluate import evaluate, write_report
 from jobs.train import run
 from socarrat import storage
+from socarrat.checkpoint import save_checkpoint
 from socarrat.cli import main as cli
-from socarrat.config import SamplerSpec
+from socarrat.config import HDiTSpec, SamplerSpec
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
@@ -81,6 +83,25 @@ def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
     with pytest.raises(UserError, match="spec differs"):
         run(other, num_workers=2)  # checked by the driver, before Ray starts any worker
     assert not ray.is_initialized()
+
+
+def test_init_text_starts_from_a_checkpoints_text_encoder(shards, tmp_path, tiny_model):
+    donor_model = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # unlike any seeded initialisation
+        for p in donor_model.text.parameters():
+            p.add_(torch.randn_like(p))
+    donor_uri = str(tmp_path / "donor")
+    save_checkpoint(donor_model, donor_uri)
+    donor = {k: v.half().float() for k, v in donor_model.text.state_dict().items()}  # as saved: fp16
+    hdit = TINY_SPEC.model_copy(update={"backbone": "hdit", "hdit": HDiTSpec(widths=(32, 64), depths=(1, 1))})
+    for init, near in ((donor_uri, True), (None, False)):
+        result = train(config(shards, str(tmp_path / f"run-{near}"), model=hdit, init_text=init, steps=1, lr=1e-9))
+        text = Generator.load(result.checkpoint, device="cpu").model.text.state_dict()
+        assert all(torch.allclose(text[k], donor[k], atol=1e-3) for k in donor) == near
+    other = hdit.model_copy(update={"text": TINY_SPEC.text.model_copy(update={"layers": 2})})
+    with pytest.raises(UserError, match="text encoder"):
+        run(config(shards, str(tmp_path / "other"), model=other, init_text=donor_uri), num_workers=2)
+    assert not ray.is_initialized()  # checked by the driver, before Ray starts any worker
 
 
 def test_missing_shards_and_corrupt_samples(tmp_path, shards):

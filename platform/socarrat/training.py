@@ -24,8 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.checkpoint import CONFIG, save_checkpoint
-from socarrat.config import ModelSpec
+from socarrat.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+from socarrat.config import ModelSpec, TextEncoderSpec
 from socarrat.errors import UserError
 from socarrat.models import GaussianModel, TokenModel, build_model
 from socarrat.models.paella import add_noise
@@ -54,6 +54,8 @@ class TrainConfig(BaseModel):
                           "the rest the denoiser on its frozen tokens")
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
+    init_text: str | None = Field(None, description="a checkpoint (bundled name, path or s3://) whose text encoder "
+                                  "starts this run's: a new backbone learns against a trained text tower")
     seed: int = 0
     compile: bool = False
 
@@ -186,9 +188,20 @@ def resume_point(cfg: TrainConfig) -> tuple[int, str] | None:
 
 def preflight(cfg: TrainConfig) -> None:
     """The checks a user mistake fails, cheap enough for a driver before any worker starts:
-    shards to read, and a checkpoint to resume that fits the spec."""
+    shards to read, a checkpoint to resume that fits the spec, a text encoder to start from that fits it."""
     list_shards(cfg.shards)
-    resume_point(cfg)
+    if not resume_point(cfg) and cfg.init_text:
+        text_encoder_weights(cfg.init_text, cfg.model.text)
+
+
+def text_encoder_weights(source: str, spec: TextEncoderSpec) -> dict[str, torch.Tensor]:
+    """The text encoder's state dict of checkpoint `source` (float32); UserError unless it is a
+    Socarrat checkpoint whose text encoder is `spec`."""
+    donor, _ = load_checkpoint(source)
+    donor_spec = getattr(getattr(donor, "spec", None), "text", None)
+    if donor_spec != spec:
+        raise UserError(f"init_text {source!r}: its text encoder ({donor_spec}) is not this model's ({spec})")
+    return {k: v.float() for k, v in donor.text.state_dict().items()}
 
 
 @dataclass
@@ -224,6 +237,10 @@ def train(
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+    elif cfg.init_text:
+        weights = text_encoder_weights(cfg.init_text, cfg.model.text)
+        model.text.load_state_dict(weights)
+        ema.text.load_state_dict(weights)
     data = load_examples(cfg.shards, cfg.model.size_px)
     # Batches (numpy) and noise, timesteps, caption dropout (torch) differ per rank and per resume.
     rng = np.random.default_rng([cfg.seed, rank, start])
