@@ -40,9 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from socarrat import massgen, shards, storage
 from socarrat.cli import add_sampler_flags, one_line, sampler_spec
-from socarrat.config import SamplerSpec
+from socarrat.checkpoint import describe_checkpoint
+from socarrat.config import SamplerSpec, check_size
 from socarrat.errors import UserError
-from socarrat.generator import Generator
+from socarrat.generator import Generator, resolve_spec
 
 _ACTOR_EXIT_ONCE = "SOCARRAT_FAULT_ACTOR_EXIT_ONCE"
 _DRIVER_EXIT_AFTER = "SOCARRAT_FAULT_DRIVER_EXIT_AFTER_SHARDS"
@@ -82,7 +83,7 @@ class ShardMaker:
 
     def __init__(self, model: str | None, out: str, batch_size: int, exit_marker: str | None, digest: str):
         self.generator = Generator.load(model)
-        # The checkpoint replaced at its URI since the driver loaded it, or another one at the same
+        # The checkpoint replaced at its URI since the driver read it, or another one at the same
         # local path on this node, would give images that job.json and the manifest do not describe.
         if self.generator.digest != digest:
             raise UserError(f"model {model or 'default'} has digest {self.generator.digest} on this worker, "
@@ -112,14 +113,14 @@ def run(job: GenerateJob) -> dict[str, Any]:
     Connects to the Ray cluster, or starts a local one, unless Ray is initialised already."""
     t0 = time.perf_counter()
     files = massgen.prompt_files(job.prompts)
-    # The driver loads the model on the CPU for its digest: a missing or corrupt model, or a size
-    # it cannot make, fails here, before any GPU work.
-    generator = Generator.load(job.model, device="cpu")
-    max_steps = generator.spec.train_timesteps
+    # The driver reads the model's spec and digest, never its weights: a missing or corrupt model,
+    # or a size it cannot make, fails here, before any GPU work, however large the model.
+    model = describe_checkpoint(job.model)
+    max_steps = model.spec.train_timesteps
     # The model's defaults filled in: keys do not depend on how they were given.
-    spec = massgen.check_spec(generator.resolve(job.spec), max_steps)
-    generator.image_shape(spec)
-    settings = massgen.RunSettings(model_digest=generator.digest, spec=spec,
+    spec = massgen.check_spec(resolve_spec(model.spec, job.spec), max_steps)
+    check_size(spec.height_px or model.spec.size_px, spec.width_px or model.spec.size_px, model.pixel_multiple)
+    settings = massgen.RunSettings(model_digest=model.digest, spec=spec,
                                    images_per_prompt=job.images_per_prompt, seed_base=job.seed_base)
     store = storage.open_store(job.out)
     massgen.claim_output(store, settings)

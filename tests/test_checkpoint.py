@@ -1,10 +1,14 @@
 """Checkpoints round-trip on disk and through the S3 API server, and refuse corrupt copies."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
+from safetensors import SafetensorError
 
 from socarrat import storage
-from socarrat.checkpoint import CONFIG, WEIGHTS, load_checkpoint, save_checkpoint
+from socarrat.checkpoint import CONFIG, WEIGHTS, describe_checkpoint, load_checkpoint, save_checkpoint
 from socarrat.config import SamplerSpec
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
@@ -36,7 +40,22 @@ def test_remote_checkpoint_is_cached_and_verified(s3_bucket, tiny_model, tmp_pat
 def test_corrupt_weights_are_refused(tmp_path, tiny_model):
     save_checkpoint(tiny_model, str(tmp_path))
     (tmp_path / WEIGHTS).write_bytes((tmp_path / WEIGHTS).read_bytes()[:-10])
-    with pytest.raises(UserError, match="sha256"):
+    for read in (load_checkpoint, describe_checkpoint):
+        with pytest.raises(UserError, match="sha256"):
+            read(str(tmp_path))
+
+
+def test_describe_reads_what_load_loads_without_the_weights(tmp_path, tiny_model, tiny_token_checkpoint):
+    for name in ("shapes-gaussian", "shapes-token", tiny_token_checkpoint):
+        info, gen = describe_checkpoint(name), Generator.load(name, device="cpu")
+        assert (info.spec, info.digest, info.pixel_multiple) == (gen.spec, gen.digest, gen.pixel_multiple)
+    # Weights that no loader could read, but whose sha256 the config names: describe never parses them.
+    save_checkpoint(tiny_model, str(tmp_path))
+    (tmp_path / WEIGHTS).write_bytes(b"not safetensors")
+    config = json.loads((tmp_path / CONFIG).read_text())
+    (tmp_path / CONFIG).write_text(json.dumps({**config, "sha256": hashlib.sha256(b"not safetensors").hexdigest()}))
+    assert describe_checkpoint(str(tmp_path)).spec == tiny_model.spec
+    with pytest.raises(SafetensorError):
         load_checkpoint(str(tmp_path))
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from socarrat import storage
+from socarrat.checkpoint import describe_checkpoint
 from socarrat.cli import main
 from socarrat.config import SamplerSpec
 from socarrat.errors import UserError
@@ -124,13 +125,16 @@ def test_step_noise_is_replayed():
     assert torch.equal(torch.stack([torch.randn((1, 4, 8, 8), generator=gen)[0] for _ in range(5)]), noises[:, 0])
 
 
-def test_spec_and_schedule_come_from_the_configs(generators):
+def test_spec_and_schedule_come_from_the_configs(sd_dir, generators):
     spec = generators["eps"].spec
     assert (spec.in_channels, spec.size_px, spec.schedule, spec.train_timesteps, spec.clip_sample) == (4, 64, "scaled_linear", 1000, False)
     assert (spec.prediction, generators["v"].spec.prediction) == ("eps", "v")
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     assert torch.allclose(alphas_cumprod("scaled_linear", 1000), scheduler.alphas_cumprod.double(), rtol=1e-5)
     assert generators["eps"].pixel_multiple == 8
+    # The configs alone say the same, without diffusers building the networks.
+    info = describe_checkpoint(str(sd_dir / "eps"))
+    assert (info.spec, info.digest, info.pixel_multiple) == (spec, generators["eps"].digest, 8)
 
 
 def test_prompt_embeddings_match_the_pipeline(sd_dir, generators):
@@ -224,6 +228,7 @@ def test_missing_diffusers_names_the_extra(sd_dir, monkeypatch):
         import_diffusers()
     with pytest.raises(UserError, match="diffusers package"):
         Generator.load(str(sd_dir / "eps"), device="cpu")
+    assert describe_checkpoint(str(sd_dir / "eps")).pixel_multiple == 8  # a driver that only plans needs no diffusers
 
 
 def test_core_imports_without_diffusers():

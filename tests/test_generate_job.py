@@ -6,6 +6,7 @@ webdataset and with Ray Data), reruns compute only what is missing, crashes and 
 neither, and the images equal those of `Generator.generate`.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -24,9 +25,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+import jobs.generate
 from jobs.generate import GenerateJob, ShardMaker, main, run
 from socarrat import massgen, storage
-from socarrat.checkpoint import save_checkpoint
+from socarrat.checkpoint import describe_checkpoint, save_checkpoint
 from socarrat.config import SamplerSpec
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
@@ -246,12 +248,12 @@ def test_an_unparsable_prompt_file_is_a_clear_error(ray_session, model_dir, tmp_
         run(job(str(tmp_path / name), str(tmp_path / "out"), model_dir))
 
 
-def test_workers_with_another_model_than_the_driver_stop_the_run_with_one_line(ray_session, model_dir, reference,
-                                                                                tmp_path, monkeypatch):
+def test_workers_with_another_model_than_the_driver_stop_the_run_with_one_line(ray_session, model_dir, tmp_path,
+                                                                                monkeypatch):
     (tmp_path / "p.txt").write_text("a red circle\n")
     # The driver sees other weights than the workers will load (the checkpoint was replaced meanwhile).
-    replaced = Generator(reference.model, "f" * 64, reference.name, device="cpu")
-    monkeypatch.setattr(Generator, "load", classmethod(lambda cls, *args, **kwargs: replaced))
+    replaced = dataclasses.replace(describe_checkpoint(model_dir), digest="f" * 64)
+    monkeypatch.setattr(jobs.generate, "describe_checkpoint", lambda *args: replaced)
     with pytest.raises(UserError, match=f"a shard worker could not start: .* not the driver's {'f' * 64}"):
         run(job(str(tmp_path / "p.txt"), str(tmp_path / "out"), model_dir))
 

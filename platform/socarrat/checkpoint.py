@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -62,14 +63,15 @@ def _cache_root() -> Path:
     return Path(os.environ.get("SOCARRAT_CACHE", Path.home() / ".cache" / "socarrat"))
 
 
-def _load_diffusers(uri: str, device: str | torch.device) -> tuple[torch.nn.Module, dict]:
-    """A diffusers pipeline (a directory or s3:// prefix holding model_index.json) through the adapter.
+def _diffusers_copy(uri: str) -> tuple[Path, str]:
+    """(local directory, digest) of a diffusers pipeline (a directory or s3:// prefix holding
+    model_index.json).
 
     An s3:// prefix is downloaded into the cache file by file, once: it is taken to be immutable
     (publish new weights under a new prefix). The digest is the sha256 over the sha256 of every
     file the adapter reads.
     """
-    from socarrat.models.diffusers_adapter import DiffusersModel, reads
+    from socarrat.models.diffusers_adapter import reads
 
     store = storage.open_store(uri)
     keys = [k for k in store.list() if reads(k)]
@@ -80,9 +82,7 @@ def _load_diffusers(uri: str, device: str | torch.device) -> tuple[torch.nn.Modu
                 store.get_file(key, path / key)
     else:
         path = Path(uri.removeprefix("file://"))
-    digest = hashlib.sha256("".join(f"{k} {sha256_file(path / k)}\n" for k in keys).encode()).hexdigest()
-    model = DiffusersModel.load(path)
-    return model.to(device), {"model": model.spec.model_dump(mode="json"), "sha256": digest}
+    return path, hashlib.sha256("".join(f"{k} {sha256_file(path / k)}\n" for k in keys).encode()).hexdigest()
 
 
 def _parse_config(raw: bytes, uri: str) -> dict:
@@ -114,6 +114,51 @@ def _local_copy(uri: str) -> Path:
     return cache
 
 
+def _open(name_or_uri: str | None) -> tuple[Path, dict | None, str]:
+    """(local directory, config, digest) of a model, an s3:// one downloaded into the cache once;
+    config is None for a diffusers pipeline. A Socarrat checkpoint's weights are checked against
+    the sha256 in its config."""
+    bundled = bundled_models()
+    name_or_uri = name_or_uri or DEFAULT_MODEL
+    if name_or_uri in bundled:
+        path = bundled[name_or_uri]
+    elif "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri):
+        if storage.open_store(name_or_uri).exists("model_index.json"):
+            path, digest = _diffusers_copy(name_or_uri)
+            return path, None, digest
+        path = _local_copy(name_or_uri)
+    else:
+        raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled ({', '.join(bundled) or 'none bundled'})")
+    config = _parse_config((path / CONFIG).read_bytes(), str(path / CONFIG))
+    if sha256_file(path / WEIGHTS) != config["sha256"]:
+        raise UserError(f"checkpoint {name_or_uri}: {WEIGHTS} does not match the sha256 in {CONFIG} (corrupt or partial copy)")
+    return path, config, config["sha256"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as planning work for it needs it: its spec, its digest, and the multiple that image
+    sides must be of (the model's `pixel_multiple`)."""
+
+    spec: ModelSpec
+    digest: str
+    pixel_multiple: int
+
+
+def describe_checkpoint(name_or_uri: str | None = None) -> ModelInfo:
+    """What `load_checkpoint` would load, found and checked the same way (an s3:// model is
+    downloaded into the cache) but without building the model or reading its weights into memory:
+    a driver that only plans the work stays light however large the model."""
+    path, config, digest = _open(name_or_uri)
+    if config is None:
+        from socarrat.models.diffusers_adapter import describe
+
+        spec, multiple = describe(path)
+        return ModelInfo(spec, digest, multiple)
+    spec = ModelSpec.model_validate(config["model"])
+    return ModelInfo(spec, digest, spec.downsampling)
+
+
 def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device = "cpu") -> tuple[GaussianModel, dict]:
     """Load a bundled model by name, a local directory or an s3:// prefix (a Socarrat checkpoint, or a
     diffusers pipeline: one with model_index.json).
@@ -121,19 +166,12 @@ def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device =
     Returns the model in eval mode (float32 weights on `device`) and its config dict, whose
     "sha256" is the model digest. None means the default bundled model.
     """
-    bundled = bundled_models()
-    name_or_uri = name_or_uri or DEFAULT_MODEL
-    if name_or_uri in bundled:
-        path = bundled[name_or_uri]
-    elif "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri):
-        if storage.open_store(name_or_uri).exists("model_index.json"):
-            return _load_diffusers(name_or_uri, device)
-        path = _local_copy(name_or_uri)
-    else:
-        raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled ({', '.join(bundled) or 'none bundled'})")
-    config = _parse_config((path / CONFIG).read_bytes(), str(path / CONFIG))
-    if sha256_file(path / WEIGHTS) != config["sha256"]:
-        raise UserError(f"checkpoint {name_or_uri}: {WEIGHTS} does not match the sha256 in {CONFIG} (corrupt or partial copy)")
+    path, config, digest = _open(name_or_uri)
+    if config is None:
+        from socarrat.models.diffusers_adapter import DiffusersModel
+
+        model = DiffusersModel.load(path)
+        return model.to(device), {"model": model.spec.model_dump(mode="json"), "sha256": digest}
     model = build_model(ModelSpec.model_validate(config["model"]))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS)).items()}
     model.load_state_dict(state)

@@ -1,7 +1,7 @@
 """The pydantic types that describe models, samplers and requests.
 
 Each concept has one type, validated once at the front door and passed along as that object
-(never re-parsed from dicts). This module depends only on pydantic.
+(never re-parsed from dicts). This module depends only on pydantic and socarrat.errors.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from socarrat.errors import UserError
 
 
 class _Spec(BaseModel):
@@ -143,6 +145,12 @@ class ModelSpec(_Spec):
             if bad := [self.channels[lv] for lv in self.attention_levels if self.channels[lv] % self.heads]:
                 raise ValueError(f"attention level channels {bad} must be multiples of heads={self.heads}")
         return self
+
+
+def check_size(height_px: int, width_px: int, multiple: int) -> None:
+    """UserError unless both sides of an image are multiples of `multiple` (a model's pixel multiple)."""
+    if height_px % multiple or width_px % multiple:
+        raise UserError(f"size {width_px}x{height_px}: height and width must be multiples of {multiple} for this model")
 
 
 class SamplerSpec(_Spec):

@@ -124,6 +124,17 @@ class Blend:
         return lerp_text(a, b, torch.tensor(self.weights))
 
 
+def resolve_spec(model: ModelSpec, spec: SamplerSpec) -> SamplerSpec:
+    """`spec` with the defaults of a `model` filled in (sampler, steps); UserError for a sampler its
+    family does not have."""
+    token = model.family == "token"
+    sampler = spec.sampler or ("paella" if token else "ddim")
+    if token != (sampler == "paella"):
+        own = "paella" if token else "ddim or ddpm"
+        raise UserError(f"sampler {sampler!r} does not apply to this {model.family}-family model; use {own}")
+    return spec.model_copy(update={"sampler": sampler, "steps": spec.steps or DEFAULT_STEPS[sampler]})
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -157,14 +168,8 @@ class Generator:
         return self.model.latent_shape(spec.height_px or self.spec.size_px, spec.width_px or self.spec.size_px)
 
     def resolve(self, spec: SamplerSpec) -> SamplerSpec:
-        """`spec` with this model's defaults filled in (sampler, steps); UserError for a sampler
-        its family does not have."""
-        token = self.spec.family == "token"
-        sampler = spec.sampler or ("paella" if token else "ddim")
-        if token != (sampler == "paella"):
-            own = "paella" if token else "ddim or ddpm"
-            raise UserError(f"sampler {sampler!r} does not apply to this {self.spec.family}-family model; use {own}")
-        return spec.model_copy(update={"sampler": sampler, "steps": spec.steps or DEFAULT_STEPS[sampler]})
+        """`spec` with this model's defaults filled in (see `resolve_spec`)."""
+        return resolve_spec(self.spec, spec)
 
     @torch.inference_mode()
     def generate(

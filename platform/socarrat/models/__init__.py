@@ -16,8 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from socarrat.config import ModelSpec
-from socarrat.errors import UserError
+from socarrat.config import ModelSpec, check_size
 from socarrat.models.hdit import HDiT
 from socarrat.models.paella import TokenModel
 from socarrat.models.text import TextEncoding, build_text_encoder
@@ -49,9 +48,7 @@ class GaussianModel(nn.Module):
 
     def latent_shape(self, height_px: int, width_px: int) -> tuple[int, int, int]:
         """(C, H, W) of the state sampled for a height_px x width_px image (pixel space: the same)."""
-        d = self.pixel_multiple
-        if height_px % d or width_px % d:
-            raise UserError(f"size {width_px}x{height_px}: height and width must be multiples of {d} for this model")
+        check_size(height_px, width_px, self.pixel_multiple)
         return self.spec.in_channels, height_px, width_px
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

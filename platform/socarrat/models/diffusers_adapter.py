@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from socarrat.config import ModelSpec
+from socarrat.config import ModelSpec, check_size
 from socarrat.errors import NotFoundError, UserError
 from socarrat.models.text import TextEncoding
 
@@ -79,6 +79,29 @@ def spec_fields(config: dict) -> dict:
             "train_timesteps": T, "clip_sample": bool(config.get("clip_sample", False))}
 
 
+def vae_factor(vae_config) -> int:
+    """Pixels per latent along each side: the VAE halves the resolution at each level but the last."""
+    return 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)  # diffusers' AutoencoderKL default
+
+
+def pipeline_spec(unet_config, vae_config, scheduler_config: dict) -> ModelSpec:
+    """The `ModelSpec` of a pipeline from its components' configs (dicts, or diffusers' FrozenDicts);
+    UserError for a UNet or scheduler the samplers cannot run."""
+    _check_unet(unet_config)
+    # A config.json lists every field when diffusers writes it; a missing one has diffusers' default.
+    size_px = (unet_config.get("sample_size") or 64) * vae_factor(vae_config)
+    return ModelSpec(in_channels=unet_config.get("in_channels", 4), size_px=size_px, **spec_fields(scheduler_config))
+
+
+def describe(path: str | Path) -> tuple[ModelSpec, int]:
+    """(spec, pixel multiple) of the pipeline in the local directory `path`, read from its JSON
+    configs alone: the checks `DiffusersModel.load` makes, without diffusers or the weights."""
+    path = Path(path)
+    _index(path)
+    vae = _config(path, "vae")
+    return pipeline_spec(_config(path, "unet"), vae, _config(path, "scheduler")), vae_factor(vae)
+
+
 class DiffusersModel(nn.Module):
     """A diffusers UNet2DConditionModel + AutoencoderKL + CLIP text encoder and tokenizer as a
     Gaussian-family model; `load` reads them from a pipeline directory, the constructor takes them
@@ -91,24 +114,17 @@ class DiffusersModel(nn.Module):
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict):
         super().__init__()
-        _check_unet(unet.config)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.spec = ModelSpec(in_channels=unet.config.in_channels, size_px=unet.config.sample_size * self.pixel_multiple,
-                              **spec_fields(scheduler_config))
+        self.spec = pipeline_spec(unet.config, vae.config, scheduler_config)
 
     @classmethod
     def load(cls, path: str | Path) -> DiffusersModel:
         """The pipeline in the local directory `path`, float32 on the CPU."""
         path = Path(path)
-        if not (path / INDEX).is_file():
-            raise NotFoundError(f"no diffusers pipeline at {path} (expected {path / INDEX})")
+        index = _index(path)
         import_diffusers()
-        index = json.loads((path / INDEX).read_text())
-        if index.get("text_encoder_2"):
-            raise UserError(f"{path}: pipelines with a second text encoder (SDXL) are not supported")
         components = [_component(path, index, name) for name in ("unet", "vae", "text_encoder", "tokenizer")]
-        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        return cls(*components, scheduler_config).float().eval().requires_grad_(False)
+        return cls(*components, _config(path, "scheduler")).float().eval().requires_grad_(False)
 
     def encode(self, prompts: Sequence[str]) -> TextEncoding:
         """Prompts (B strings) -> the text encoder's last hidden states (B, L, D), as diffusers'
@@ -131,18 +147,35 @@ class DiffusersModel(nn.Module):
     @property
     def pixel_multiple(self) -> int:
         """The VAE's downsampling factor: image sides must be multiples of it."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae.config)
 
     def latent_shape(self, height_px: int, width_px: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents for a height_px x width_px image."""
         f = self.pixel_multiple
-        if height_px % f or width_px % f:
-            raise UserError(f"size {width_px}x{height_px}: height and width must be multiples of {f} for this model")
+        check_size(height_px, width_px, f)
         return self.spec.in_channels, height_px // f, width_px // f
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w) -> pixels (B, 3, h * f, w * f), about [-1, 1] (not clamped)."""
         return self.vae.decode(x / self.vae.config.scaling_factor, return_dict=False)[0]
+
+
+def _index(path: Path) -> dict:
+    """model_index.json of the pipeline at `path`; NotFoundError if there is none, UserError for SDXL."""
+    if not (path / INDEX).is_file():
+        raise NotFoundError(f"no diffusers pipeline at {path} (expected {path / INDEX})")
+    index = json.loads((path / INDEX).read_text())
+    if index.get("text_encoder_2"):
+        raise UserError(f"{path}: pipelines with a second text encoder (SDXL) are not supported")
+    return index
+
+
+def _config(path: Path, component: str) -> dict:
+    """The JSON config of `component` ("unet", "vae" or "scheduler")."""
+    file = path / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+    if not file.is_file():
+        raise NotFoundError(f"diffusers pipeline at {path} has no {component!r} config ({file})")
+    return json.loads(file.read_text())
 
 
 def _component(path: Path, index: dict, name: str):
@@ -158,7 +191,7 @@ def _component(path: Path, index: dict, name: str):
 def _check_unet(config) -> None:
     """UserError for a UNet that needs inputs beyond (latents, timestep, text hidden states)."""
     extra = [k for k in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim") if config.get(k) is not None]
-    if config.in_channels != config.out_channels:
-        extra.append(f"in_channels={config.in_channels} != out_channels={config.out_channels} (inpainting)")
+    if (channels := (config.get("in_channels", 4), config.get("out_channels", 4)))[0] != channels[1]:
+        extra.append(f"in_channels={channels[0]} != out_channels={channels[1]} (inpainting)")
     if extra:
         raise UserError(f"UNets with {', '.join(extra)} are not supported (text-to-image UNets only)")

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from socarrat.config import ModelSpec
+from socarrat.config import ModelSpec, check_size
 from socarrat.errors import UserError
 from socarrat.models.text import TextEncoding, build_text_encoder
 from socarrat.models.unet import UNet
@@ -65,9 +65,8 @@ class TokenModel(nn.Module):
 
     def latent_shape(self, height_px: int, width_px: int) -> tuple[int, int]:
         """(h, w) of the token grid sampled for a height_px x width_px image."""
-        d, f = self.pixel_multiple, self.spec.token.downsampling
-        if height_px % d or width_px % d:
-            raise UserError(f"size {width_px}x{height_px}: height and width must be multiples of {d} for this model")
+        check_size(height_px, width_px, self.pixel_multiple)
+        f = self.spec.token.downsampling
         return height_px // f, width_px // f
 
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
