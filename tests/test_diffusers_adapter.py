@@ -19,13 +19,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from socarrat import storage
 from socarrat.checkpoint import describe_checkpoint
 from socarrat.cli import main
-from socarrat.config import SamplerSpec
+from socarrat.config import SamplerSpec, TextEncoderSpec
 from socarrat.errors import UserError
 from socarrat.generator import Generator
 from socarrat.models.diffusers_adapter import import_diffusers, spec_fields
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.schedules import Schedule, alphas_cumprod
+from socarrat.training import text_encoder_weights
 
 PROMPTS = ["a red cat", "two blue dogs"]
 SEEDS = [3, 4]
@@ -229,6 +230,11 @@ def test_missing_diffusers_names_the_extra(sd_dir, monkeypatch):
     with pytest.raises(UserError, match="diffusers package"):
         Generator.load(str(sd_dir / "eps"), device="cpu")
     assert describe_checkpoint(str(sd_dir / "eps")).pixel_multiple == 8  # a driver that only plans needs no diffusers
+
+
+def test_a_pipeline_is_no_text_encoder_donor_for_training(sd_dir):
+    with pytest.raises(UserError, match="not a Socarrat one"):
+        text_encoder_weights(str(sd_dir / "eps"), TextEncoderSpec())  # the spec its ModelSpec carries
 
 
 def test_core_imports_without_diffusers():

@@ -198,7 +198,8 @@ def text_encoder_weights(source: str, spec: TextEncoderSpec) -> dict[str, torch.
     """The text encoder's state dict of checkpoint `source` (float32); UserError unless it is a
     Socarrat checkpoint whose text encoder is `spec`."""
     donor, _ = load_checkpoint(source)
-    donor_spec = getattr(getattr(donor, "spec", None), "text", None)
+    # A diffusers pipeline's spec carries the default TextEncoderSpec, but its encoder is CLIP's, not ours.
+    donor_spec = donor.spec.text if hasattr(donor, "text") else "not a Socarrat one"
     if donor_spec != spec:
         raise UserError(f"init_text {source!r}: its text encoder ({donor_spec}) is not this model's ({spec})")
     return {k: v.float() for k, v in donor.text.state_dict().items()}
