@@ -19,14 +19,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from socarrat import storage
 from socarrat.checkpoint import describe_checkpoint
 from socarrat.cli import main
-from socarrat.config import SamplerSpec, TextEncoderSpec
+from socarrat.config import SamplerSpec
 from socarrat.errors import UserError
 from socarrat.generator import Generator
 from socarrat.models.diffusers_adapter import import_diffusers, spec_fields
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.schedules import Schedule, alphas_cumprod
-from socarrat.training import text_encoder_weights
+from socarrat.training import TrainConfig, initial_weights
 
 PROMPTS = ["a red cat", "two blue dogs"]
 SEEDS = [3, 4]
@@ -232,9 +232,11 @@ def test_missing_diffusers_names_the_extra(sd_dir, monkeypatch):
     assert describe_checkpoint(str(sd_dir / "eps")).pixel_multiple == 8  # a driver that only plans needs no diffusers
 
 
-def test_a_pipeline_is_no_text_encoder_donor_for_training(sd_dir):
-    with pytest.raises(UserError, match="not a Socarrat one"):
-        text_encoder_weights(str(sd_dir / "eps"), TextEncoderSpec())  # the spec its ModelSpec carries
+def test_a_pipeline_is_no_donor_for_training(sd_dir):
+    pipeline = str(sd_dir / "eps")
+    for flag in ("init_text", "init"):  # its ModelSpec carries the default TextEncoderSpec: no match is no proof
+        with pytest.raises(UserError, match="not a Socarrat checkpoint"):
+            initial_weights(TrainConfig(shards="unused", out="unused", **{flag: pipeline}))
 
 
 def test_core_imports_without_diffusers():

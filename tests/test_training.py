@@ -78,7 +78,7 @@ def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
     assert resumed.step == 30 and len(resumed.losses) == 10
     assert set(saved) == {"model", "ema", "opt"} and storage.open_store(out).exists("step-00000030/config.json")
     other = config(shards, out, steps=40, model=TINY_SPEC.model_copy(update={"prediction": "eps"}))
-    with pytest.raises(UserError, match="spec differs"):
+    with pytest.raises(UserError, match="spec differs .* .prediction: v there, eps here"):
         train(other)
     with pytest.raises(UserError, match="spec differs"):
         run(other, num_workers=2)  # checked by the driver, before Ray starts any worker
@@ -99,9 +99,26 @@ def test_init_text_starts_from_a_checkpoints_text_encoder(shards, tmp_path, tiny
         text = Generator.load(result.checkpoint, device="cpu").model.text.state_dict()
         assert all(torch.allclose(text[k], donor[k], atol=1e-3) for k in donor) == near
     other = hdit.model_copy(update={"text": TINY_SPEC.text.model_copy(update={"layers": 2})})
-    with pytest.raises(UserError, match="text encoder"):
+    with pytest.raises(UserError, match="text encoder spec is not this run's .layers: 1 there, 2 here"):
         run(config(shards, str(tmp_path / "other"), model=other, init_text=donor_uri), num_workers=2)
     assert not ray.is_initialized()  # checked by the driver, before Ray starts any worker
+
+
+def test_init_starts_a_new_run_from_a_whole_checkpoint(shards, tmp_path):
+    donor = train(config(shards, str(tmp_path / "donor"), steps=20)).checkpoint
+    saved = Generator.load(donor, device="cpu").model.state_dict()
+    result = train(config(shards, str(tmp_path / "more"), init=donor, steps=1, lr=1e-9))
+    assert result.step == 1  # a new run: step 0, fresh optimiser
+    weights = Generator.load(result.checkpoint, device="cpu").model.state_dict()
+    assert all(torch.allclose(weights[k].float(), saved[k].float(), atol=1e-3) for k in saved)
+    info = json.loads(storage.read_bytes(storage.join(result.checkpoint, "config.json")))["training"]
+    assert info["config"]["init"] == donor  # the card says where it started
+    other = TINY_SPEC.model_copy(update={"prediction": "eps"})
+    with pytest.raises(UserError, match="model spec is not this run's .prediction: v there, eps here"):
+        run(config(shards, str(tmp_path / "other"), model=other, init=donor), num_workers=2)
+    assert not ray.is_initialized()  # checked by the driver, before Ray starts any worker
+    with pytest.raises(ValueError, match="not both"):
+        config(shards, str(tmp_path / "both"), init=donor, init_text=donor)
 
 
 def test_missing_shards_and_corrupt_samples(tmp_path, shards):

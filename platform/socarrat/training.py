@@ -18,14 +18,14 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from socarrat import storage
 from socarrat.checkpoint import CONFIG, load_checkpoint, save_checkpoint
-from socarrat.config import ModelSpec, TextEncoderSpec
+from socarrat.config import ModelSpec
 from socarrat.errors import UserError
 from socarrat.models import GaussianModel, TokenModel, build_model
 from socarrat.models.paella import add_noise
@@ -54,10 +54,19 @@ class TrainConfig(BaseModel):
                           "the rest the denoiser on its frozen tokens")
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
+    init: str | None = Field(None, description="a checkpoint (bundled name, path or s3://) of this very model spec "
+                             "whose weights start this run (fresh optimiser, step 0): go on training a model whose "
+                             "train_state.pt is gone, or fine-tune one; token family: --vq-steps 0 keeps its VQ")
     init_text: str | None = Field(None, description="a checkpoint (bundled name, path or s3://) whose text encoder "
                                   "starts this run's: a new backbone learns against a trained text tower")
     seed: int = 0
     compile: bool = False
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "TrainConfig":
+        if self.init and self.init_text:
+            raise ValueError("give init or init_text, not both (init already holds a text encoder)")
+        return self
 
 
 class GaussianObjective(nn.Module):
@@ -180,29 +189,41 @@ def resume_point(cfg: TrainConfig) -> tuple[int, str] | None:
     """(step, URI) of the checkpoint a run of `cfg` resumes from, or None; UserError if that
     checkpoint's model spec is not `cfg.model` (a different run's output folder)."""
     if found := latest_checkpoint(cfg.out):
-        saved = json.loads(storage.read_bytes(storage.join(found[1], CONFIG)))["model"]
-        if ModelSpec.model_validate(saved) != cfg.model:
-            raise UserError(f"cannot resume from {found[1]}: its model spec differs from the requested one")
+        saved = ModelSpec.model_validate(json.loads(storage.read_bytes(storage.join(found[1], CONFIG)))["model"])
+        if saved != cfg.model:
+            raise UserError(f"cannot resume from {found[1]}: its model spec differs from the requested one "
+                            f"({spec_difference(saved, cfg.model)})")
     return found
+
+
+def spec_difference(there: BaseModel, here: BaseModel) -> str:
+    """The fields two specs of one type disagree on, for an error message: `name: A there, B here`."""
+    a, b = there.model_dump(), here.model_dump()
+    return ", ".join(f"{k}: {a[k]} there, {b[k]} here" for k in a if a[k] != b[k])
 
 
 def preflight(cfg: TrainConfig) -> None:
     """The checks a user mistake fails, cheap enough for a driver before any worker starts:
-    shards to read, a checkpoint to resume that fits the spec, a text encoder to start from that fits it."""
+    shards to read, a checkpoint to resume that fits the spec, weights to start from that fit it."""
     list_shards(cfg.shards)
-    if not resume_point(cfg) and cfg.init_text:
-        text_encoder_weights(cfg.init_text, cfg.model.text)
+    if not resume_point(cfg) and (cfg.init or cfg.init_text):
+        initial_weights(cfg)
 
 
-def text_encoder_weights(source: str, spec: TextEncoderSpec) -> dict[str, torch.Tensor]:
-    """The text encoder's state dict of checkpoint `source` (float32); UserError unless it is a
-    Socarrat checkpoint whose text encoder is `spec`."""
+def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The state dict (float32) a new run starts from: checkpoint `cfg.init` whole, or the text encoder
+    of `cfg.init_text`; UserError unless it is a Socarrat checkpoint whose spec (or text encoder spec)
+    is this run's."""
+    flag, source = ("init", cfg.init) if cfg.init else ("init_text", cfg.init_text)
     donor, _ = load_checkpoint(source)
     # A diffusers pipeline's spec carries the default TextEncoderSpec, but its encoder is CLIP's, not ours.
-    donor_spec = donor.spec.text if hasattr(donor, "text") else "not a Socarrat one"
-    if donor_spec != spec:
-        raise UserError(f"init_text {source!r}: its text encoder ({donor_spec}) is not this model's ({spec})")
-    return {k: v.float() for k, v in donor.text.state_dict().items()}
+    if not hasattr(donor, "text"):
+        raise UserError(f"{flag} {source!r}: not a Socarrat checkpoint")
+    part, there, here = (donor, donor.spec, cfg.model) if cfg.init else (donor.text, donor.spec.text, cfg.model.text)
+    if there != here:
+        what = "model spec" if cfg.init else "text encoder spec"
+        raise UserError(f"{flag} {source!r}: its {what} is not this run's ({spec_difference(there, here)})")
+    return {k: v.float() for k, v in part.state_dict().items()}
 
 
 @dataclass
@@ -238,10 +259,10 @@ def train(
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-    elif cfg.init_text:
-        weights = text_encoder_weights(cfg.init_text, cfg.model.text)
-        model.text.load_state_dict(weights)
-        ema.text.load_state_dict(weights)
+    elif cfg.init or cfg.init_text:
+        weights = initial_weights(cfg)
+        for m in (model, ema):
+            (m if cfg.init else m.text).load_state_dict(weights)
     data = load_examples(cfg.shards, cfg.model.size_px)
     # Batches (numpy) and noise, timesteps, caption dropout (torch) differ per rank and per resume.
     rng = np.random.default_rng([cfg.seed, rank, start])
