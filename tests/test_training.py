@@ -85,6 +85,13 @@ def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
     assert not ray.is_initialized()
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_the_same_command_goes_on(shards, tmp_path):
+    cfg = config(shards, str(tmp_path / "run"), max_minutes=1e-6)  # past at the first --log-every step
+    first = train(cfg)
+    assert first.step == 10 and first.checkpoint.endswith("step-00000010")
+    assert train(cfg).checkpoint.endswith("step-00000020")
+
+
 def test_init_text_starts_from_a_checkpoints_text_encoder(shards, tmp_path, tiny_model):
     donor_model = copy.deepcopy(tiny_model)
     with torch.no_grad():  # unlike any seeded initialisation
@@ -145,10 +152,13 @@ def test_ray_train_job_with_two_ddp_workers(shards, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         run(config(shards, str(tmp_path / "ray"), steps=6, checkpoint_every=6, log_every=3), num_workers=2)
+        # Out of time: both ranks agree to stop at the same step (a rank left alone would hang in all-reduce).
+        run(config(shards, str(tmp_path / "timed"), steps=60, log_every=3, max_minutes=1e-6), num_workers=2)
     finally:
         ray.shutdown()
     gen = Generator.load(str(tmp_path / "ray" / "step-00000006"), device="cpu")
     assert parameter_count(gen.model) > 0
+    assert [k for k in storage.open_store(str(tmp_path / "timed")).list() if k.endswith("config.json")] == ["step-00000003/config.json"]
 
 
 def test_evaluate_end_to_end(tiny_generator, store_uri):

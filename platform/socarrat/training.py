@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -53,6 +54,9 @@ class TrainConfig(BaseModel):
     vq_steps: int = Field(2000, ge=0, description="token family: the first steps train the VQ tokenizer, "
                           "the rest the denoiser on its frozen tokens")
     checkpoint_every: int = Field(500, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) at the first --log-every "
+                                      "step past this wall time: training that must fit one machine lease; "
+                                      "the same command resumes")
     log_every: int = Field(50, ge=1)
     init: str | None = Field(None, description="a checkpoint (bundled name, path or s3://) of this very model spec "
                              "whose weights start this run (fresh optimiser, step 0): go on training a model whose "
@@ -247,6 +251,7 @@ def train(
     Rank 0 writes a checkpoint every `checkpoint_every` steps and at the end: the EMA weights (fp16,
     loadable by `Generator`) plus `train_state.pt` (raw weights, EMA, optimiser).
     """
+    began = time.perf_counter()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
@@ -299,9 +304,22 @@ def train(
             recent = float(np.mean(result.losses[-cfg.log_every:]))
             bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{result.images_per_s:.0f}")
             report({"step": result.step, "loss": recent, "images_per_s": result.images_per_s})
-        if rank == 0 and (result.step % cfg.checkpoint_every == 0 or result.step == cfg.steps):
+        out_of_time = (cfg.max_minutes is not None and result.step % cfg.log_every == 0
+                       and _on_any_rank(time.perf_counter() - began > 60 * cfg.max_minutes, device))
+        if rank == 0 and (result.step % cfg.checkpoint_every == 0 or result.step == cfg.steps or out_of_time):
             result.checkpoint = save_training_checkpoint(cfg, model, ema, opt, result.step, data.corrupt, result.images_per_s)
+        if out_of_time:
+            break
     return result
+
+
+def _on_any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every DDP rank if `flag` is True on any, so that all ranks stop at the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    any_flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(any_flag, op=dist.ReduceOp.MAX)
+    return bool(any_flag.item())
 
 
 def save_training_checkpoint(cfg: TrainConfig, model: nn.Module, ema: GaussianModel, opt: torch.optim.Optimizer, step: int, corrupt: int, images_per_s: float) -> str:

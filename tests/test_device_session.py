@@ -1,0 +1,29 @@
+"""The prepared GPU session script runs its stages (here: SMOKE=1, the CPU sizes) and rejects unknown ones."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def session(tmp_path, *stages):
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "PYTHONPATH": f"{ROOT / 'platform'}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "device_session.sh"), *stages], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_stage_writes_its_results_under_out(tmp_path):
+    done = session(tmp_path, "picard")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "stages.txt").read_text().startswith("picard rc=0 ")
+    assert json.loads((tmp_path / "picard.json").read_text())
+    assert "torch" in (tmp_path / "machine.txt").read_text()
+
+
+def test_an_unknown_stage_is_refused(tmp_path):
+    done = session(tmp_path, "trian")
+    assert done.returncode == 2 and "unknown stage trian" in done.stdout
