@@ -26,7 +26,7 @@ from socarrat.models.diffusers_adapter import import_diffusers, spec_fields
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.schedules import Schedule, alphas_cumprod
-from socarrat.training import TrainConfig, initial_weights
+from socarrat.training import TrainConfig, initial_weights, preflight
 
 PROMPTS = ["a red cat", "two blue dogs"]
 SEEDS = [3, 4]
@@ -232,11 +232,14 @@ def test_missing_diffusers_names_the_extra(sd_dir, monkeypatch):
     assert describe_checkpoint(str(sd_dir / "eps")).pixel_multiple == 8  # a driver that only plans needs no diffusers
 
 
-def test_a_pipeline_is_no_donor_for_training(sd_dir):
-    pipeline = str(sd_dir / "eps")
+def test_a_pipeline_is_no_donor_for_training(sd_dir, tmp_path):
+    pipeline, shards = str(sd_dir / "eps"), str(tmp_path / "shards")
+    assert main(["shapes-shards", "--out", shards, "--count", "4", "--shard-size", "4", "--size-px", "32"]) == 0
     for flag in ("init_text", "init"):  # its ModelSpec carries the default TextEncoderSpec: no match is no proof
-        with pytest.raises(UserError, match="not a Socarrat checkpoint"):
-            initial_weights(TrainConfig(shards="unused", out="unused", **{flag: pipeline}))
+        cfg = TrainConfig(shards=shards, out=str(tmp_path / "run"), **{flag: pipeline})
+        for check in (preflight, initial_weights):  # the driver reads configs only; a worker loads the weights
+            with pytest.raises(UserError, match="not a Socarrat checkpoint"):
+                check(cfg)
 
 
 def test_core_imports_without_diffusers():

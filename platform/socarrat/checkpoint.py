@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -137,12 +138,14 @@ def _open(name_or_uri: str | None) -> tuple[Path, dict | None, str]:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model as planning work for it needs it: its spec, its digest, and the multiple that image
-    sides must be of (the model's `pixel_multiple`)."""
+    """A model as planning work for it needs it: its spec, its digest, the multiple that image
+    sides must be of (the model's `pixel_multiple`), and whether it is a Socarrat checkpoint or a
+    diffusers pipeline (whose spec describes only what the samplers read)."""
 
     spec: ModelSpec
     digest: str
     pixel_multiple: int
+    format: Literal["socarrat", "diffusers"]
 
 
 def describe_checkpoint(name_or_uri: str | None = None) -> ModelInfo:
@@ -154,9 +157,9 @@ def describe_checkpoint(name_or_uri: str | None = None) -> ModelInfo:
         from socarrat.models.diffusers_adapter import describe
 
         spec, multiple = describe(path)
-        return ModelInfo(spec, digest, multiple)
+        return ModelInfo(spec, digest, multiple, "diffusers")
     spec = ModelSpec.model_validate(config["model"])
-    return ModelInfo(spec, digest, spec.downsampling)
+    return ModelInfo(spec, digest, spec.downsampling, "socarrat")
 
 
 def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device = "cpu") -> tuple[GaussianModel, dict]:

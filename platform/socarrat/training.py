@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+from socarrat.checkpoint import CONFIG, describe_checkpoint, load_checkpoint, save_checkpoint
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
 from socarrat.models import GaussianModel, TokenModel, build_model
@@ -208,26 +208,34 @@ def spec_difference(there: BaseModel, here: BaseModel) -> str:
 
 def preflight(cfg: TrainConfig) -> None:
     """The checks a user mistake fails, cheap enough for a driver before any worker starts:
-    shards to read, a checkpoint to resume that fits the spec, weights to start from that fit it."""
+    shards to read, a checkpoint to resume that fits the spec, weights to start from that fit it
+    (read from the start checkpoint's config alone: the driver never holds the model)."""
     list_shards(cfg.shards)
     if not resume_point(cfg) and (cfg.init or cfg.init_text):
-        initial_weights(cfg)
+        info = describe_checkpoint(cfg.init or cfg.init_text)
+        _check_start(cfg, info.spec if info.format == "socarrat" else None)
 
 
 def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The state dict (float32) a new run starts from: checkpoint `cfg.init` whole, or the text encoder
     of `cfg.init_text`; UserError unless it is a Socarrat checkpoint whose spec (or text encoder spec)
     is this run's."""
-    flag, source = ("init", cfg.init) if cfg.init else ("init_text", cfg.init_text)
-    donor, _ = load_checkpoint(source)
+    donor, _ = load_checkpoint(cfg.init or cfg.init_text)
     # A diffusers pipeline's spec carries the default TextEncoderSpec, but its encoder is CLIP's, not ours.
-    if not hasattr(donor, "text"):
+    _check_start(cfg, donor.spec if hasattr(donor, "text") else None)
+    return {k: v.float() for k, v in (donor if cfg.init else donor.text).state_dict().items()}
+
+
+def _check_start(cfg: TrainConfig, donor: ModelSpec | None) -> None:
+    """UserError unless the start checkpoint's spec `donor` (None: not a Socarrat checkpoint) is this
+    run's, whole for `init`, in its text encoder for `init_text`."""
+    flag, source = ("init", cfg.init) if cfg.init else ("init_text", cfg.init_text)
+    if donor is None:
         raise UserError(f"{flag} {source!r}: not a Socarrat checkpoint")
-    part, there, here = (donor, donor.spec, cfg.model) if cfg.init else (donor.text, donor.spec.text, cfg.model.text)
+    there, here = (donor, cfg.model) if cfg.init else (donor.text, cfg.model.text)
     if there != here:
         what = "model spec" if cfg.init else "text encoder spec"
         raise UserError(f"{flag} {source!r}: its {what} is not this run's ({spec_difference(there, here)})")
-    return {k: v.float() for k, v in part.state_dict().items()}
 
 
 @dataclass
