@@ -4,6 +4,7 @@ import copy
 import io
 import json
 import tarfile
+import time
 
 import pytest
 import ray
@@ -20,7 +21,7 @@ from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
 from socarrat.models import build_model, parameter_count
-from socarrat.training import GaussianObjective, TrainConfig, load_examples, train
+from socarrat.training import GaussianObjective, TrainConfig, load_examples, lr_at, train
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,14 @@ def test_max_minutes_stops_with_a_checkpoint_and_the_same_command_goes_on(shards
     assert train(cfg).checkpoint.endswith("step-00000020")
 
 
+def test_max_minutes_counts_from_the_start_of_the_run(shards, tmp_path, monkeypatch):
+    # perf_counter's origin is arbitrary (boot, on Linux): a day on the clock before the run
+    # starts must not count against a one-hour budget.
+    clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + 86_400)
+    assert train(config(shards, str(tmp_path / "run"), steps=20, max_minutes=60)).step == 20
+
+
 def test_init_text_starts_from_a_checkpoints_text_encoder(shards, tmp_path, tiny_model):
     donor_model = copy.deepcopy(tiny_model)
     with torch.no_grad():  # unlike any seeded initialisation
@@ -126,6 +135,15 @@ def test_init_starts_a_new_run_from_a_whole_checkpoint(shards, tmp_path):
     assert not ray.is_initialized()  # checked by the driver, before Ray starts any worker
     with pytest.raises(ValueError, match="not both"):
         config(shards, str(tmp_path / "both"), init=donor, init_text=donor)
+
+
+def test_lr_warms_up_holds_and_cools_down_to_zero(shards, tmp_path):
+    cfg = config(shards, str(tmp_path), steps=100, lr=1e-3, warmup_steps=10, cooldown_steps=40)
+    lrs = [lr_at(cfg, step) for step in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == lrs[59] == pytest.approx(1e-3)
+    assert all(a > b > 0 for a, b in zip(lrs[60:], lrs[61:])) and lrs[-1] == pytest.approx(1e-3 / 40)
+    assert lr_at(cfg, 12, stage_start=10) == pytest.approx(3e-4)  # a new stage warms up again
+    assert {lr_at(config(shards, str(tmp_path), steps=100, warmup_steps=0), s) for s in range(100)} == {3e-3}
 
 
 def test_missing_shards_and_corrupt_samples(tmp_path, shards):
@@ -163,7 +181,13 @@ def test_ray_train_job_with_two_ddp_workers(shards, tmp_path):
 
 def test_evaluate_end_to_end(tiny_generator, store_uri):
     report = evaluate(tiny_generator, SamplerSpec(steps=2), num_prompts=10, num_seeds=2, batch_size=8, sheet_size=6, progress=False)
-    assert report["summary"]["images"] == 20 and set(report["summary"]["scores"]) >= {"position", "counting", "overall"}
+    summary = report["summary"]
+    assert summary["images"] == 20 and set(summary["scores"]) >= {"position", "counting", "overall"}
+    assert summary["stderr"].keys() == summary["scores"].keys()
+    for category, p in summary["scores"].items():  # 4 images a category: p(1-p)/4 under the root
+        assert category == "overall" or summary["stderr"][category] == pytest.approx((p * (1 - p) / 4) ** 0.5)
+    per_category = [e for c, e in summary["stderr"].items() if c != "overall"]
+    assert summary["stderr"]["overall"] == pytest.approx(sum(e**2 for e in per_category) ** 0.5 / len(per_category))
     write_report(report, store_uri)
     store = storage.open_store(store_uri)
     assert sorted(store.list()) == ["contact_sheet.png", "images.jsonl", "scores.json"]

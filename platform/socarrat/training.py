@@ -48,6 +48,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="per worker")
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
+    cooldown_steps: int = Field(0, ge=0, description="the last steps of the run decay lr linearly to 0 "
+                                "(warmup-stable-decay): a constant-lr run, resumed or started with --init, "
+                                "ends on an annealed model")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     uncond_prob: float = Field(0.1, ge=0, le=1, description="caption dropped (for CFG)")
     min_snr_gamma: float = Field(5.0, gt=0, description="Min-SNR loss weighting (Hang et al. 2023)")
@@ -238,6 +241,15 @@ def _check_start(cfg: TrainConfig, donor: ModelSpec | None) -> None:
         raise UserError(f"{flag} {source!r}: its {what} is not this run's ({spec_difference(there, here)})")
 
 
+def lr_at(cfg: TrainConfig, step: int, stage_start: int = 0) -> float:
+    """The learning rate of `step`: linear warm-up from the start of its stage, constant, then a
+    linear cooldown to 0 over the run's last `cooldown_steps` (Hägele et al. 2024, arXiv 2405.18392:
+    such a cooldown matches a cosine schedule without fixing the run's length in advance)."""
+    warmup = min(1.0, (step - stage_start + 1) / max(1, cfg.warmup_steps))
+    cooldown = min(1.0, (cfg.steps - step) / cfg.cooldown_steps) if cfg.cooldown_steps else 1.0
+    return cfg.lr * min(warmup, cooldown)
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -285,14 +297,14 @@ def train(
     t0, seen = time.perf_counter(), 0
     stage = None
     for step in bar:
-        now, began = stage_at(cfg, step)
+        now, now_start = stage_at(cfg, step)
         if now != stage:
-            stage, stage_start = now, began
+            stage, stage_start = now, now_start
             objective = wrap(objective_for(stage, cfg, model, ema).to(device))
             if cfg.compile:
                 objective = torch.compile(objective)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step - stage_start + 1) / max(1, cfg.warmup_steps))
+            group["lr"] = lr_at(cfg, step, stage_start)
         x0, captions = data.batch(rng, cfg.batch_size, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = objective(x0, captions)
