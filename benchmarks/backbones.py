@@ -145,12 +145,12 @@ def compare_bundled(args) -> list[dict] | None:
         gen = Generator.load(name, device=args.device)
         summary = evaluate(gen, spec, args.eval_prompts, args.eval_seeds, progress=False)["summary"]
         rows.append({"model": name, "params": parameter_count(gen.model), "images_per_s": summary["images_per_s"],
-                     "scores": summary["scores"]})
+                     "scores": summary["scores"], "stderr": summary["stderr"]})
     columns = [*CATEGORIES, "overall"]
-    print(f"\n{'model':16} {'params':>6} {'img/s':>7} " + " ".join(f"{c[:10]:>10}" for c in columns))
+    print(f"\n{'model':16} {'params':>6} {'img/s':>7} " + " ".join(f"{c[:10]:>10}" for c in columns) + "  stderr")
     for r in rows:
         scores = " ".join(f"{r['scores'][c]:10.3f}" for c in columns)
-        print(f"{r['model']:16} {r['params'] / 1e6:5.2f}M {r['images_per_s']:7.2f} {scores}")
+        print(f"{r['model']:16} {r['params'] / 1e6:5.2f}M {r['images_per_s']:7.2f} {scores}  {r['stderr']['overall']:.3f}")
     return rows
 
 

@@ -4,7 +4,7 @@
 
 Generates `--prompts` held-out captions x `--seeds` seeds (never a training caption's exact string),
 judges every image with `socarrat.datasets.shapes.score` in GenEval's five categories, and writes
-`scores.json` (per category + overall), `images.jsonl` (one row per image with the analyzer's
+`scores.json` (per category + overall, with standard errors), `images.jsonl` (one row per image with the analyzer's
 reason) and `contact_sheet.png` to `--out` (a folder or s3:// prefix). Runs on one device, no Ray.
 The flags and a write to `--out` are checked before the model is loaded, so a mistyped output is
 not found out only after the whole evaluation.
@@ -51,7 +51,8 @@ def contact_sheet(images: list[Image.Image], captions: list[str], passed: list[b
 
 def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, num_seeds: int = 2,
              batch_size: int = 64, sheet_size: int = 36, progress: bool = True) -> dict:
-    """Scores of `generator` under `spec`: {"scores": {category: accuracy, "overall"}, "rows", "sheet"}."""
+    """Scores of `generator` under `spec`: {"summary": {..., "scores": {category: accuracy, "overall"},
+    "stderr": the same keys}, "rows", "sheet"}."""
     prompts = evaluation_prompts(num_prompts)
     jobs = [(caption, prompt_spec, seed) for seed in range(num_seeds) for caption, prompt_spec in prompts]
     rows, images = [], []
@@ -64,12 +65,18 @@ def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, nu
             rows.append({"prompt": caption, "seed": seed, "category": verdict.category, "passed": verdict.passed, "reason": verdict.reason})
             images.append(result.image)
     wall_s = time.perf_counter() - start
-    accuracy = {c: float(np.mean([r["passed"] for r in rows if r["category"] == c])) for c in CATEGORIES}
+    passed = {c: [r["passed"] for r in rows if r["category"] == c] for c in CATEGORIES}
+    accuracy = {c: float(np.mean(p)) for c, p in passed.items()}
     scores = {**accuracy, "overall": float(np.mean(list(accuracy.values())))}
+    # Binomial standard errors, images taken as independent (a prompt's seeds are not quite): two
+    # models' scores differ beyond noise only where they are ~2 of these apart.
+    stderr = {c: float(np.sqrt(a * (1 - a) / len(passed[c]))) for c, a in accuracy.items()}
+    stderr["overall"] = float(np.sqrt(sum(e**2 for e in stderr.values()))) / len(CATEGORIES)
     pick = np.random.default_rng(0).choice(len(rows), min(sheet_size, len(rows)), replace=False)
     sheet = contact_sheet([images[i] for i in pick], [rows[i]["prompt"] for i in pick], [rows[i]["passed"] for i in pick])
     summary = {"model": generator.name, "model_digest": generator.digest, "spec": spec.model_dump(), "images": len(rows),
-               "wall_s": round(wall_s, 2), "images_per_s": round(len(rows) / wall_s, 2), "scores": scores}
+               "wall_s": round(wall_s, 2), "images_per_s": round(len(rows) / wall_s, 2), "scores": scores,
+               "stderr": stderr}
     return {"summary": summary, "rows": rows, "sheet": sheet}
 
 
@@ -93,9 +100,9 @@ def check_out(out: str) -> None:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'category':<20} {'accuracy':>8}")
+    print(f"\n{'category':<20} {'accuracy':>8}  {'stderr':>6}")
     for category, value in summary["scores"].items():
-        print(f"{category:<20} {value:>8.3f}")
+        print(f"{category:<20} {value:>8.3f}  {summary['stderr'][category]:>6.3f}")
     print(f"\n{summary['images']} images, {summary['images_per_s']} images/s, model {summary['model']} ({summary['model_digest'][:10]})")
 
 
