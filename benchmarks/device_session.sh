@@ -7,7 +7,8 @@
 #
 # On the device machine, prefix `source .device/setup.sh && export PYTHONPATH=platform:$PYTHONPATH &&`
 # (see README "GPU runs"). SMOKE=1 runs every stage with tiny sizes on the CPU, to check the script.
-# TRAIN_MIN (default 5) is the training stage's wall-time budget in minutes; PYTHON (default python3).
+# TRAIN_MIN (default 5) is the training stage's constant-lr budget in minutes, COOL_MIN (default 2)
+# the lr cooldown's after it; PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
@@ -19,6 +20,7 @@ TRAINED=runs/gpu-gaussian$( [ "$SMOKE" = 1 ] && echo -smoke )  # a smoke run nev
 [ $# -gt 0 ] || set -- train eval picard backbones tokens
 
 small() { [ "$SMOKE" = 1 ] && echo "$1" || echo "$2"; }  # small() CPU-smoke GPU
+COOL_MIN=${COOL_MIN:-$(small 0.05 2)}
 
 stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log to $OUT/NAME.log, go on if it fails
   local name=$1 limit=$2; shift 2
@@ -44,6 +46,17 @@ for what in "$@"; do
     stage train "$(awk "BEGIN { print int($TRAIN_MIN * 60 + 120) }")" "$PY" -m jobs.train --shards data/shapes32 --out "$TRAINED" \
       --size-px 32 --steps "$(small 20 200000)" --batch-size "$(small 16 256)" --lr 1e-3 \
       --max-minutes "$TRAIN_MIN" --checkpoint-every 2000 --log-every 100 --num-workers 0
+    # Anneal: resume the same run (optimiser and EMA state) for as many steps as its measured rate
+    # fits in COOL_MIN minutes, the lr falling linearly to 0 over them (--cooldown-steps).
+    if step=$(newest) && [ -n "$step" ]; then
+      cool=$("$PY" -c "import json, sys; t = json.load(open(sys.argv[1]))['training']
+print(t['step'], max(1, int(t['images_per_s'] * $COOL_MIN * 60 / t['config']['batch_size'])))" "$step/config.json")
+      read -r done_steps cool_steps <<< "$cool"
+      stage cool "$(awk "BEGIN { print int($COOL_MIN * 60 + 120) }")" "$PY" -m jobs.train --shards data/shapes32 \
+        --out "$TRAINED" --size-px 32 --steps $((done_steps + cool_steps)) --cooldown-steps "$cool_steps" \
+        --batch-size "$(small 16 256)" --lr 1e-3 --max-minutes "$(awk "BEGIN { print $COOL_MIN * 1.5 }")" \
+        --checkpoint-every 2000 --log-every 100 --num-workers 0
+    fi
     if step=$(newest) && [ -n "$step" ]; then  # the weights come back; train_state.pt (optimiser) stays
       mkdir -p "$OUT/gpu-gaussian" && cp "$step"/config.json "$step"/model.safetensors "$OUT/gpu-gaussian/"
     fi ;;
