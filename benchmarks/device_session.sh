@@ -33,6 +33,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log to $O
 }
 
 newest() { ls -d "$TRAINED"/step-* 2>/dev/null | tail -n 1; }
+limit_s() { awk "BEGIN { print int($1 * 60 + 120) }"; }  # limit_s MINUTES: a stage's budget plus start-up
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } > "$OUT/machine.txt"
@@ -43,7 +44,7 @@ for what in "$@"; do
   train)  # shapes-gaussian's recipe from scratch, in this process (no Ray), bf16 autocast on the GPU
     [ -d data/shapes32 ] || stage render 300 "$PY" -m socarrat.cli shapes-shards --out data/shapes32 \
       --count "$(small 2000 60000)" --shard-size 5000 --size-px 32 --seed 1
-    stage train "$(awk "BEGIN { print int($TRAIN_MIN * 60 + 120) }")" "$PY" -m jobs.train --shards data/shapes32 --out "$TRAINED" \
+    stage train "$(limit_s "$TRAIN_MIN")" "$PY" -m jobs.train --shards data/shapes32 --out "$TRAINED" \
       --size-px 32 --steps "$(small 20 200000)" --batch-size "$(small 16 256)" --lr 1e-3 \
       --max-minutes "$TRAIN_MIN" --checkpoint-every 2000 --log-every 100 --num-workers 0
     # Anneal: resume the same run (optimiser and EMA state) for as many steps as its measured rate
@@ -52,7 +53,7 @@ for what in "$@"; do
       cool=$("$PY" -c "import json, sys; t = json.load(open(sys.argv[1]))['training']
 print(t['step'], max(1, int(t['images_per_s'] * $COOL_MIN * 60 / t['config']['batch_size'])))" "$step/config.json")
       read -r done_steps cool_steps <<< "$cool"
-      stage cool "$(awk "BEGIN { print int($COOL_MIN * 60 + 120) }")" "$PY" -m jobs.train --shards data/shapes32 \
+      stage cool "$(limit_s "$COOL_MIN")" "$PY" -m jobs.train --shards data/shapes32 \
         --out "$TRAINED" --size-px 32 --steps $((done_steps + cool_steps)) --cooldown-steps "$cool_steps" \
         --batch-size "$(small 16 256)" --lr 1e-3 --max-minutes "$(awk "BEGIN { print $COOL_MIN * 1.5 }")" \
         --checkpoint-every 2000 --log-every 100 --num-workers 0
