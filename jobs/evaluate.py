@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from socarrat import storage
 from socarrat.cli import add_sampler_flags, one_line, sampler_spec
 from socarrat.config import SamplerSpec
-from socarrat.datasets.shapes import CATEGORIES, evaluation_prompts, score
+from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, evaluation_prompts, score
 from socarrat.errors import UserError
 from socarrat.generator import Generator
 
@@ -52,7 +52,8 @@ def contact_sheet(images: list[Image.Image], captions: list[str], passed: list[b
 def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, num_seeds: int = 2,
              batch_size: int = 64, sheet_size: int = 36, progress: bool = True) -> dict:
     """Scores of `generator` under `spec`: {"summary": {..., "scores": {category: accuracy, "overall"},
-    "stderr": the same keys}, "rows", "sheet"}."""
+    "stderr": the same keys, "position_kinds": {"absolute" | "relative": {"accuracy", "images"}}},
+    "rows", "sheet"}."""
     prompts = evaluation_prompts(num_prompts)
     jobs = [(caption, prompt_spec, seed) for seed in range(num_seeds) for caption, prompt_spec in prompts]
     rows, images = [], []
@@ -72,11 +73,16 @@ def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, nu
     # models' scores differ beyond noise only where they are ~2 of these apart.
     stderr = {c: float(np.sqrt(a * (1 - a) / len(passed[c]))) for c, a in accuracy.items()}
     stderr["overall"] = float(np.sqrt(sum(e**2 for e in stderr.values()))) / len(CATEGORIES)
+    # Position mixes two skills, placing one object in the image ("at the top") and one relative to
+    # another ("above"): the split shows which of them a model has learnt.
+    kinds = {kind: [r["passed"] for r, (_, ps, _) in zip(rows, jobs) if ps.relation in relations]
+             for kind, relations in (("absolute", ABSOLUTE), ("relative", RELATIVE))}
+    position_kinds = {kind: {"accuracy": float(np.mean(p)) if p else None, "images": len(p)} for kind, p in kinds.items()}
     pick = np.random.default_rng(0).choice(len(rows), min(sheet_size, len(rows)), replace=False)
     sheet = contact_sheet([images[i] for i in pick], [rows[i]["prompt"] for i in pick], [rows[i]["passed"] for i in pick])
     summary = {"model": generator.name, "model_digest": generator.digest, "spec": spec.model_dump(), "images": len(rows),
                "wall_s": round(wall_s, 2), "images_per_s": round(len(rows) / wall_s, 2), "scores": scores,
-               "stderr": stderr}
+               "stderr": stderr, "position_kinds": position_kinds}
     return {"summary": summary, "rows": rows, "sheet": sheet}
 
 
@@ -103,6 +109,9 @@ def print_table(summary: dict) -> None:
     print(f"\n{'category':<20} {'accuracy':>8}  {'stderr':>6}")
     for category, value in summary["scores"].items():
         print(f"{category:<20} {value:>8.3f}  {summary['stderr'][category]:>6.3f}")
+    parts = [f"{kind} {'n/a' if k['accuracy'] is None else format(k['accuracy'], '.3f')} ({k['images']} images)"
+             for kind, k in summary["position_kinds"].items()]
+    print("position by kind: " + ", ".join(parts))
     print(f"\n{summary['images']} images, {summary['images_per_s']} images/s, model {summary['model']} ({summary['model_digest'][:10]})")
 
 

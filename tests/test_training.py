@@ -188,6 +188,9 @@ def test_evaluate_end_to_end(tiny_generator, store_uri):
         assert category == "overall" or summary["stderr"][category] == pytest.approx((p * (1 - p) / 4) ** 0.5)
     per_category = [e for c, e in summary["stderr"].items() if c != "overall"]
     assert summary["stderr"]["overall"] == pytest.approx(sum(e**2 for e in per_category) ** 0.5 / len(per_category))
+    kinds = summary["position_kinds"]  # the position images, split by kind of relation
+    assert sum(k["images"] for k in kinds.values()) == 4
+    assert sum(k["images"] * (k["accuracy"] or 0) for k in kinds.values()) == pytest.approx(4 * summary["scores"]["position"])
     write_report(report, store_uri)
     store = storage.open_store(store_uri)
     assert sorted(store.list()) == ["contact_sheet.png", "images.jsonl", "scores.json"]
