@@ -59,6 +59,18 @@ def test_describe_reads_what_load_loads_without_the_weights(tmp_path, tiny_model
         load_checkpoint(str(tmp_path))
 
 
+def test_a_partial_copy_or_weights_that_do_not_fit_the_config_are_refused(tmp_path, tiny_model):
+    save_checkpoint(tiny_model, str(tmp_path))
+    config = json.loads((tmp_path / CONFIG).read_text())
+    (tmp_path / CONFIG).write_text(json.dumps({**config, "model": {**config["model"], "res_blocks": 2}}))
+    with pytest.raises(UserError, match="does not fit the model its config.json describes"):
+        load_checkpoint(str(tmp_path))
+    (tmp_path / WEIGHTS).unlink()
+    for read in (load_checkpoint, describe_checkpoint):
+        with pytest.raises(NotFoundError, match="no model.safetensors beside its config.json"):
+            read(str(tmp_path))
+
+
 @pytest.mark.parametrize("config", ["{", '{"model": {}}', '{"model": {}, "sha256": "../../x"}'])
 def test_malformed_configs_are_refused(tmp_path, s3_bucket, tiny_model, config):
     save_checkpoint(tiny_model, str(tmp_path))

@@ -43,6 +43,8 @@ def test_generate_and_edit_read_and_write_object_storage(s3_bucket, tiny_token_c
     (["--prompt", ""], "prompts must not be empty"),
     (["--steps", "0"], "steps"),
     (["--guidance", "-1"], "guidance"),
+    (["--guidance", "inf"], "guidance: Input should be a finite number"),
+    (["--temperature", "nan", "0.5"], "temperature"),
     (["--sampler", "euler"], "sampler"),
     (["--height-px", "15"], "multiples of 2"),
     (["--model", "/no/such/dir"], "/no/such/dir"),
@@ -79,6 +81,7 @@ def test_edit_inpaints_outpaints_and_restyles_with_a_token_model(tmp_path, tiny_
                            (["--image", str(mask.with_suffix(".txt"))], "is not a readable image"),
                            (["--outpaint", "0", "3", "0", "0"], "multiples of 8"),
                            (["--sampler", "ddim"], "does not apply"),
+                           (["--height-px", "64"], "leave out --height-px"),
                            (["--mask", str(mask)], "mark no pixel"),  # all black: nothing to paint
                            ([], "would ignore its images")]:
         assert main([*base, *flags, "--out", str(tmp_path / "x.png")]) == 2

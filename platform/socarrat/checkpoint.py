@@ -111,7 +111,10 @@ def _local_copy(uri: str) -> Path:
     cache = _cache_root() / config["sha256"]
     if not (cache / WEIGHTS).is_file() or sha256_file(cache / WEIGHTS) != config["sha256"]:
         store.get_file(WEIGHTS, cache / WEIGHTS)
-    (cache / CONFIG).write_text(json.dumps(config))
+    # Written whole, then renamed: K actors of one node may load the same model at once.
+    part = cache / f"{CONFIG}.{os.getpid()}.part"
+    part.write_text(json.dumps(config))
+    part.replace(cache / CONFIG)
     return cache
 
 
@@ -131,6 +134,8 @@ def _open(name_or_uri: str | None) -> tuple[Path, dict | None, str]:
     else:
         raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled ({', '.join(bundled) or 'none bundled'})")
     config = _parse_config((path / CONFIG).read_bytes(), str(path / CONFIG))
+    if not (path / WEIGHTS).is_file():
+        raise NotFoundError(f"checkpoint {name_or_uri}: no {WEIGHTS} beside its {CONFIG} (a partial copy?)")
     if sha256_file(path / WEIGHTS) != config["sha256"]:
         raise UserError(f"checkpoint {name_or_uri}: {WEIGHTS} does not match the sha256 in {CONFIG} (corrupt or partial copy)")
     return path, config, config["sha256"]
@@ -177,5 +182,10 @@ def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device =
         return model.to(device), {"model": model.spec.model_dump(mode="json"), "sha256": digest}
     model = build_model(ModelSpec.model_validate(config["model"]))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS)).items()}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or misshapen tensors: config and weights disagree
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(f"checkpoint {name_or_uri or DEFAULT_MODEL}: its {WEIGHTS} does not fit the model its "
+                        f"{CONFIG} describes ({detail})") from None
     return model.to(device).eval(), config

@@ -1,4 +1,5 @@
-"""The `socarrat` command line: `generate` one image, `shapes-shards` to write the training data.
+"""The `socarrat` command line: `generate` one image, `edit` one with a token model, `shapes-shards`
+to write the training data.
 
 A user mistake (a ValueError from our checks or pydantic) prints one line and exits 2; anything else
 is our bug and keeps its traceback. Flags mirror the pydantic field names.
@@ -91,6 +92,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
         if mask is not None:
             raise UserError("give --mask or --outpaint, not both")
         image, mask = Edit.outpaint(image, *args.outpaint)
+    if args.height_px or args.width_px:
+        raise UserError("edit makes an image of --image's size (grown by --outpaint): leave out --height-px "
+                        "and --width-px")
     spec = sampler_spec(args).model_copy(update={"height_px": image.height, "width_px": image.width})
     gen = Generator.load(args.model)
     edit = Edit([image], [mask] if mask else None, args.start_step)

@@ -14,7 +14,9 @@ from socarrat.errors import UserError
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: pydantic takes inf and nan (also from the strings "inf", "nan") by default, and an
+    # infinite guidance or a nan temperature makes meaningless images without any error.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TextEncoderSpec(_Spec):

@@ -91,7 +91,7 @@ def sample_picard(
     (N, B, ...) or None (ODE solvers); cond: B rows, see `take_rows`. Each round evaluates up to
     `window` states per sample; `tolerance` is the accepted RMS change of a state in final-image
     units (module docstring); token states are accepted only when unchanged, whatever the tolerance.
-    Returns the final state (B, C, H, W) and the stats."""
+    Returns the final state (the shape of x) and the stats."""
     if window < 1:
         raise UserError(f"window must be >= 1, got {window}")
     n = len(schedule)

@@ -41,7 +41,7 @@ def noise_fraction(t: torch.Tensor, train_timesteps: int) -> torch.Tensor:
 class TokenSchedule:
     """Per sampling step i: the model's timestep and the fraction re-noised after the step."""
 
-    timesteps: torch.Tensor  # (N,) long, descending from T - 1
+    timesteps: torch.Tensor  # (N,) long, descending (from T - 1 unless sampling starts part-way)
     renoise: torch.Tensor  # (N,) float64; 0 after the last step
 
     def __len__(self) -> int:
