@@ -5,8 +5,9 @@
 
 Prompt files are .jsonl, .csv, .txt (one prompt a line) or .parquet, local or s3://, one file, a
 folder or prefix, or a glob. Columns: `prompt`, and optionally `id`, `seed`, `negative_prompt`,
-`steps`, `guidance`; others are ignored. A bad row goes to failures.jsonl with its reason and the
-job goes on; a file that cannot be parsed stops it (exit 2).
+`steps`, `guidance`; others are ignored. Their values are read as written: no reader guesses types
+("007" stays "007"). A bad row or .jsonl line goes to failures.jsonl with its reason and the job goes
+on; a file that cannot be parsed, or has no prompts, stops it (exit 2).
 
 The pipeline: `ray.data.read_*` -> check rows (`socarrat.massgen.check_rows`) -> plan in the driver
 (drop done keys, cut shards; the driver holds one small record per image, not the images) -> an
@@ -15,8 +16,9 @@ command again to resume: the output layout and the exactly-once protocol are in 
 One run per --out at a time: a second run into the same --out stops with an error while the first
 lives (`socarrat.massgen.hold_lease`).
 
-Two environment variables inject faults for the tests: SOCARRAT_FAULT_ACTOR_EXIT_ONCE=<path> makes
-the first actor to create <path> exit mid-shard (rendered, not published); and
+Two environment variables inject faults for the tests: SOCARRAT_FAULT_ACTOR_EXIT=<stage>:<path> makes
+the first actor to create <path> exit at <stage> of a shard, `rendered` (not published) or `published`
+(not yet returned), and SOCARRAT_FAULT_ACTOR_EXIT=always makes every actor exit once rendered; and
 SOCARRAT_FAULT_DRIVER_EXIT_AFTER_SHARDS=<n> makes the driver make the first n planned shards only,
 then exit hard, as if killed there (no summary).
 """
@@ -31,10 +33,12 @@ import re
 import sys
 import time
 import uuid
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -45,10 +49,11 @@ from socarrat.config import SamplerSpec, check_size
 from socarrat.errors import UserError
 from socarrat.generator import Generator, resolve_spec
 
-_ACTOR_EXIT_ONCE = "SOCARRAT_FAULT_ACTOR_EXIT_ONCE"
+_ACTOR_EXIT = "SOCARRAT_FAULT_ACTOR_EXIT"
 _DRIVER_EXIT_AFTER = "SOCARRAT_FAULT_DRIVER_EXIT_AFTER_SHARDS"
-# The last line of the traceback of one of our user errors, as Ray gives it for a failed actor __init__.
+# The last line of the traceback of one of our user errors, as Ray gives it for a failed actor call.
 _USER_ERROR_LINE = re.compile(r"^socarrat\.errors\.\w+: (.*)$", re.MULTILINE)
+_SHARD_RETRIES = 3  # attempts at a shard after the first, each on a restarted actor
 
 
 class GenerateJob(BaseModel):
@@ -81,7 +86,7 @@ class GenerateJob(BaseModel):
 class ShardMaker:
     """A pool actor: loads the model once, then renders and publishes one shard per call."""
 
-    def __init__(self, model: str | None, out: str, batch_size: int, exit_marker: str | None, digest: str):
+    def __init__(self, model: str | None, out: str, run_id: str, batch_size: int, exit_marker: str | None, digest: str):
         self.generator = Generator.load(model)
         # The checkpoint replaced at its URI since the driver read it, or another one at the same
         # local path on this node, would give images that job.json and the manifest do not describe.
@@ -89,7 +94,7 @@ class ShardMaker:
             raise UserError(f"model {model or 'default'} has digest {self.generator.digest} on this worker, "
                             f"not the driver's {digest}; give every node the same checkpoint")
         self.store = storage.open_store(out)
-        self.batch_size, self.exit_marker = batch_size, exit_marker
+        self.run_id, self.batch_size, self.exit_marker = run_id, batch_size, exit_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         stats = [self._make(str(name), massgen.TASKS.validate_json(tasks))
@@ -97,22 +102,33 @@ class ShardMaker:
         return {f.name: [getattr(s, f.name) for s in stats] for f in dataclasses.fields(massgen.ShardStats)}
 
     def _make(self, name: str, tasks: list[massgen.ImageTask]) -> massgen.ShardStats:
+        # Published by an earlier attempt whose actor died before returning: made by this run all the same.
+        if self.store.exists(f"{shards.MANIFEST_DIR}/{name}.parquet"):
+            return massgen.ShardStats(shard=name, images=len(tasks), model_calls=0, published=True,
+                                      render_s=0.0, encode_s=0.0, publish_s=0.0)
         t0 = time.perf_counter()
         results, calls = massgen.render(self.generator, tasks, self.batch_size)
         t1 = time.perf_counter()
-        if self.exit_marker and _first_to_create(self.exit_marker):
+        if self._fault("rendered"):
             os._exit(1)
-        published, encode_s = massgen.publish(self.store, name, tasks, results)
+        published, encode_s = massgen.publish(self.store, self.run_id, name, tasks, results)
         publish_s = time.perf_counter() - t1 - encode_s
+        if self._fault("published"):
+            os._exit(1)
         return massgen.ShardStats(shard=name, images=len(tasks), model_calls=calls, published=published,
                                   render_s=t1 - t0, encode_s=encode_s, publish_s=publish_s)
+
+    def _fault(self, stage: str) -> bool:
+        """Whether the injected fault (SOCARRAT_FAULT_ACTOR_EXIT, see the module docstring) strikes at `stage`."""
+        when, _, marker = (self.exit_marker or "").partition(":")
+        return (when == "always" and stage == "rendered") or (when == stage and _first_to_create(marker))
 
 
 def run(job: GenerateJob) -> dict[str, Any]:
     """Make every image of `job` not made yet; returns the summary (also written as summary.json).
     Connects to the Ray cluster, or starts a local one, unless Ray is initialised already."""
     t0 = time.perf_counter()
-    files = massgen.prompt_files(job.prompts)
+    files = massgen.prompt_files(job.prompts, job.out)
     # The driver reads the model's spec and digest, never its weights: a missing or corrupt model,
     # or a size it cannot make, fails here, before any GPU work, however large the model.
     model = describe_checkpoint(job.model)
@@ -124,10 +140,12 @@ def run(job: GenerateJob) -> dict[str, Any]:
                                    images_per_prompt=job.images_per_prompt, seed_base=job.seed_base)
     store = storage.open_store(job.out)
     massgen.claim_output(store, settings)
-    with massgen.hold_lease(store, _run_id()):
+    run_id = _run_id()
+    with massgen.hold_lease(store, run_id):
         if not ray.is_initialized():
             ray.init()
         checked = _read_rows(files, settings, max_steps)
+        massgen.check_prompt_column(checked)
         plan = massgen.make_plan(checked, massgen.done_keys(store), job.shard_size)
         shards.remove_incomplete(store)
         massgen.write_failures(store, plan.failures)
@@ -135,11 +153,12 @@ def run(job: GenerateJob) -> dict[str, Any]:
         todo, exit_after = plan.shards, os.environ.get(_DRIVER_EXIT_AFTER)
         if exit_after:
             todo = todo[:int(exit_after)]
-        stats = _make_shards(job, settings.model_digest, todo)
+        stats = _make_shards(job, settings.model_digest, run_id, todo)
         if exit_after:
             os._exit(3)  # as if killed: the lease stays behind, held by a process that is gone
         t2 = time.perf_counter()
         summary = massgen.summarize(plan, stats, wall_s=t2 - t0, stage_s=t2 - t1)
+        massgen.check_lease(store, run_id)
         massgen.write_summary(store, summary)
     return summary
 
@@ -151,9 +170,15 @@ def _run_id() -> str:
     return config.get("metadata", {}).get("job_submission_id") or f"local-{uuid.uuid4().hex[:12]}"
 
 
+# Text columns stay text: read_json(lines=True) goes through pandas and read_csv through pyarrow's
+# type inference, which turn the ids "007" and "7" into one int, a prompt "1984" into an int and a
+# column of large seeds with gaps into float64. So a .jsonl file is read as lines (check_rows parses
+# them, a bad line failing alone), and a .csv file with our columns as strings.
+_CSV_TYPES = pacsv.ConvertOptions(column_types=dict.fromkeys(massgen.COLUMNS, pa.string()),
+                                  strings_can_be_null=True, null_values=[""])  # not "NA", "null", ...
 _READERS = {
-    ".jsonl": lambda paths: ray.data.read_json(paths, lines=True, include_paths=True),
-    ".csv": lambda paths: ray.data.read_csv(paths, include_paths=True),
+    ".jsonl": lambda paths: ray.data.read_text(paths, include_paths=True),
+    ".csv": lambda paths: ray.data.read_csv(paths, include_paths=True, convert_options=_CSV_TYPES),
     ".txt": lambda paths: ray.data.read_text(paths, include_paths=True).rename_columns({"text": "prompt"}),
     ".parquet": lambda paths: ray.data.read_parquet(paths, include_paths=True),
 }
@@ -188,37 +213,51 @@ def _unreadable(paths: list[str], err: BaseException) -> UserError:
     return UserError(f"cannot read the prompt files {', '.join(paths)}: {str(err).splitlines()[0]}")
 
 
-def _make_shards(job: GenerateJob, digest: str, todo: list[tuple[str, list[massgen.ImageTask]]]) -> list[massgen.ShardStats]:
-    """Make the shards of `todo` on a pool of ShardMaker actors; a UserError from their start (a
-    model missing or different on a worker node) as one line."""
+def _make_shards(job: GenerateJob, digest: str, run_id: str,
+                 todo: list[tuple[str, list[massgen.ImageTask]]]) -> list[massgen.ShardStats]:
+    """Make the shards of `todo` on a pool of ShardMaker actors; a UserError of theirs (a model
+    missing or different on a worker node, the lease lost), or a shard that killed its worker on
+    every attempt, as one line."""
     try:
-        return [massgen.ShardStats(**row) for row in _shard_pool(job, digest, todo)]
-    except ray.exceptions.RayActorError as err:
-        found = _USER_ERROR_LINE.findall(str(err)) if err.actor_init_failed else []
-        if not found:
+        return [massgen.ShardStats(**row) for row in _shard_pool(job, digest, run_id, todo)]
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+        found = _USER_ERROR_LINE.findall(str(err))
+        init_failed = getattr(err, "actor_init_failed", False)
+        if found:
+            raise UserError(f"a shard worker {'could not start' if init_failed else 'stopped'}: {found[-1]}") from None
+        if init_failed or not isinstance(err, ray.exceptions.RayActorError):
             raise
-        raise UserError(f"a shard worker could not start: {found[-1]}") from None
+        raise UserError(f"a shard worker died on each of {_SHARD_RETRIES + 1} attempts at one shard (out of memory? "
+                        "see the Ray logs); the shards published are kept: rerun to resume, perhaps with a smaller "
+                        "--batch-size") from None
 
 
-def _shard_pool(job: GenerateJob, digest: str, todo: list[tuple[str, list[massgen.ImageTask]]]) -> Iterator[dict[str, Any]]:
+def _shard_pool(job: GenerateJob, digest: str, run_id: str,
+                todo: list[tuple[str, list[massgen.ImageTask]]]) -> Iterator[dict[str, Any]]:
     if not todo:
         return iter(())
     items = [{"shard": name, "tasks": massgen.TASKS.dump_json(tasks).decode()} for name, tasks in todo]
     num_gpus = job.num_gpus_per_worker
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
-    made = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardMaker,
-        batch_size=1,  # one shard per call: a shard is what a crash retries and what a rerun skips
-        # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 unless told otherwise
-        # (ActorPoolMapOperator._apply_default_remote_args): a dead actor is restarted and its
-        # shards retried. Exactly-once relies on that; the crash test checks it.
-        compute=ray.data.ActorPoolStrategy(min_size=job.min_workers, max_size=job.max_workers),
-        num_gpus=num_gpus,
-        num_cpus=job.num_cpus_per_worker,
-        fn_constructor_kwargs={"model": job.model, "out": job.out, "batch_size": job.batch_size,
-                               "exit_marker": os.environ.get(_ACTOR_EXIT_ONCE), "digest": digest},
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing max_task_retries as a remote argument but offers no named
+        # parameter for it yet: the warning would only puzzle users.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", ray.util.annotations.RayDeprecationWarning)
+        made = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardMaker,
+            batch_size=1,  # one shard per call: a shard is what a crash retries and what a rerun skips
+            # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 unless told otherwise
+            # (ActorPoolMapOperator._apply_default_remote_args): a dead actor is restarted and its
+            # shards retried, which the crash test checks. Bounded here: a shard that kills its actor
+            # every time (out of memory, say) ends the run with an error, and a rerun resumes it.
+            max_task_retries=_SHARD_RETRIES,
+            compute=ray.data.ActorPoolStrategy(min_size=job.min_workers, max_size=job.max_workers),
+            num_gpus=num_gpus,
+            num_cpus=job.num_cpus_per_worker,
+            fn_constructor_kwargs={"model": job.model, "out": job.out, "run_id": run_id, "batch_size": job.batch_size,
+                                   "exit_marker": os.environ.get(_ACTOR_EXIT), "digest": digest},
+        )
     return made.iter_rows()
 
 
@@ -239,7 +278,7 @@ def format_summary(out: str, s: dict[str, Any]) -> str:
         ("generated now", f"{s['images_generated']}  in {s['shards_published']}/{s['shards_planned']} shards, "
                           f"{s['model_calls']} model calls"),
         ("wall time", f"{s['wall_s']:.1f} s  (startup {s['startup_s']:.1f} s, shards {s['stage_s']:.1f} s)"),
-        ("images/s", f"{s['images_per_s']:.2f}"),
+        ("images/s in shards", f"{s['images_per_s']:.2f}"),
         ("actor time", f"render {s['render_s']:.1f} s, encode {s['encode_s']:.1f} s, publish {s['publish_s']:.1f} s"),
     ]
     return "\n".join([f"jobs.generate -> {out}", *(f"  {k:<22}{v}" for k, v in rows)])

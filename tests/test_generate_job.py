@@ -6,9 +6,11 @@ webdataset and with Ray Data), reruns compute only what is missing, crashes and 
 neither, and the images equal those of `Generator.generate`.
 """
 
+import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -100,17 +102,34 @@ def test_keys_and_seeds_are_stable_and_follow_id_and_seed():
     ({"prompt": "x", "seed": -1}, "seed must be"),
     ({"prompt": "x", "seed": 2**63 - 1}, "seed must be"),
     ({"prompt": "x", "seed": "abc"}, "seed must be"),
+    ({"prompt": "x", "seed": "\u00b2"}, "seed must be"),  # a digit to str.isdigit, not to int()
     ({"prompt": "x", "steps": 0}, "steps"),
     # Valid for SamplerSpec, not for the model: the actor would fail the shard on every rerun.
     ({"prompt": "x", "steps": MAX_STEPS + 1}, f"steps must be in 1..{MAX_STEPS} for this model"),
     ({"prompt": "x", "guidance": "lots"}, "guidance"),
-    ({"prompt": "x", "guidance": "inf"}, "guidance must be a finite number"),
+    ({"prompt": "x", "guidance": "inf"}, "guidance: Input should be a finite number"),
     ({"prompt": "x", "guidance": "nan"}, "guidance"),
     ({"prompt": "x", "id": "a.b"}, "id must be"),
 ])
 def test_a_bad_row_is_rejected_with_its_reason(row, reason):
     checked = massgen.check_rows([row], SETTINGS, MAX_STEPS)
     assert checked["tasks"] == [""] and reason in checked["error"][0]
+
+
+def test_a_row_with_an_infinite_number_is_rejected_and_recorded_as_valid_json():
+    checked = massgen.check_rows([{"prompt": "x", "guidance": math.inf}], SETTINGS, MAX_STEPS)
+    assert "guidance: Input should be a finite number" in checked["error"][0]
+    assert json.loads(checked["source"][0], parse_constant=pytest.fail) == {"prompt": "x", "guidance": "inf"}
+
+
+def test_a_file_without_a_prompt_column_is_named_with_its_columns():
+    rows = [{"text": "a red circle", "seed": 1, "path": "/in/a.csv"}, {"prompt": "x", "path": "/in/b.csv"},
+            {"prompt": None, "path": "/in/b.csv"}]
+    checked = massgen.check_rows(rows, SETTINGS, MAX_STEPS)
+    checked = [dict(zip(checked, values)) for values in zip(*checked.values())]
+    with pytest.raises(UserError, match="no row of /in/a.csv has a prompt; its columns are seed, text"):
+        massgen.check_prompt_column(checked)
+    massgen.check_prompt_column(checked[1:])  # b.csv has prompts, one row without: a failures row
 
 
 def test_plan_dedupes_rejects_id_clashes_and_recuts_the_same_shards():
@@ -135,14 +154,18 @@ def test_plan_groups_shards_by_sampler_spec():
 
 
 def test_prompt_files_resolve_files_folders_and_globs(tmp_path):
-    (tmp_path / "a.txt").write_text("x\n")
-    (tmp_path / "b.csv").write_text("prompt\nx\n")
-    (tmp_path / "notes.md").write_text("")
-    assert massgen.prompt_files(str(tmp_path / "a.txt")) == [f"file://{tmp_path}/a.txt"]
-    assert massgen.prompt_files(str(tmp_path)) == [f"file://{tmp_path}/a.txt", f"file://{tmp_path}/b.csv"]
-    assert massgen.prompt_files(f"{tmp_path}/*.csv") == [f"file://{tmp_path}/b.csv"]
+    for name in ("a.txt", "b.csv", "notes.md", "old/c.csv", ".ipynb_checkpoints/b-checkpoint.csv",
+                 "run1/failures.jsonl", "run1/manifest/shard-1.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True, parents=True)
+        (tmp_path / name).write_text("prompt\nx\n")
+    out = str(tmp_path / "run1")  # the job's own output beside its prompts: never read as prompts
+    a, b, c = (f"file://{tmp_path}/{name}" for name in ("a.txt", "b.csv", "old/c.csv"))
+    assert massgen.prompt_files(str(tmp_path / "a.txt"), out) == [a]
+    assert massgen.prompt_files(str(tmp_path), out) == [a, b, c]
+    assert massgen.prompt_files(f"{tmp_path}/*.csv", out) == [b]  # `*` stays within one folder
+    assert massgen.prompt_files(f"{tmp_path}/*/*.csv", out) == [c]
     with pytest.raises(NotFoundError, match="no prompt files"):
-        massgen.prompt_files(str(tmp_path / "missing.txt"))
+        massgen.prompt_files(str(tmp_path / "missing.txt"), out)
 
 
 # --- bad input: clear errors before any work --------------------------------------------------
@@ -195,22 +218,52 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lease(model_dir, tmp_
                 pass
     assert not store.exists(massgen.LEASE)  # released at the end
     # Through the command: refused before the orphan tar of the live run is touched.
-    put_lease(store, lease(host="elsewhere", pid=1))
+    put_lease(store, lease())  # a live process of this host, so the pid decides at once
     write_shard(store, "shards/shard-in-flight.tar", [("k", {"txt": b"x"})])
     (tmp_path / "p.txt").write_text("a red circle\n")
     assert main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--model", model_dir]) == 2
     err = capsys.readouterr().err
-    assert "pid 1 on elsewhere" in err and "ray job stop" in err and len(err.strip().splitlines()) == 1, err
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in err and "ray job stop" in err, err
+    assert len(err.strip().splitlines()) == 1, err
     assert store.exists("shards/shard-in-flight.tar")
 
 
-def test_a_stale_lease_or_one_of_a_dead_process_is_taken_over(tmp_path):
+def test_a_lease_of_a_dead_process_or_one_left_unchanged_elsewhere_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(massgen, "LEASE_HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(massgen, "LEASE_STALE_S", 0.1)
     store = storage.open_store(str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for left in (lease(host="elsewhere", age_s=massgen.LEASE_STALE_S + 1), lease(pid=int(dead.stdout))):
+    # Another host's clock may run ahead: its lease's fresh time says nothing, its standing still does.
+    for left in (lease(host="elsewhere", age_s=-3600), lease(pid=int(dead.stdout))):
         put_lease(store, left)
         with massgen.hold_lease(store, "next") as held:
             assert massgen.Lease.model_validate_json(store.get_bytes(massgen.LEASE)) == held and held.run_id == "next"
+
+
+def test_a_live_run_keeps_its_lease_however_long_it_stalls_or_its_clock_lags(tmp_path, monkeypatch):
+    monkeypatch.setattr(massgen, "LEASE_HEARTBEAT_S", 0.01)
+    store = storage.open_store(str(tmp_path))
+    put_lease(store, lease(age_s=10 * massgen.LEASE_STALE_S))  # this host, this live pid, no beat for long
+    with pytest.raises(UserError, match="another run is writing"), massgen.hold_lease(store, "next"):
+        pass
+    # Another host whose clock lags far behind: its lease looks stale, but it keeps being rewritten.
+    held, stop = lease(host="elsewhere", age_s=10 * massgen.LEASE_STALE_S), threading.Event()
+    put_lease(store, held)
+
+    def refresh():
+        beat = 0
+        while not stop.wait(0.01):
+            beat += 1
+            put_lease(store, held.model_copy(update={"heartbeat_at": held.heartbeat_at + beat}))
+
+    beats = threading.Thread(target=refresh, daemon=True)
+    beats.start()
+    try:
+        with pytest.raises(UserError, match="pid .* on elsewhere"), massgen.hold_lease(store, "next"):
+            pass
+    finally:
+        stop.set()
+        beats.join()
 
 
 def test_the_lease_is_refreshed_while_held_and_a_lease_taken_over_is_left_alone(tmp_path, monkeypatch):
@@ -233,19 +286,38 @@ def test_the_lease_is_refreshed_while_held_and_a_lease_taken_over_is_left_alone(
 
 def test_a_worker_refuses_a_model_with_another_digest(model_dir, tmp_path):
     with pytest.raises(UserError, match=f"digest [0-9a-f]{{64}} on this worker, not the driver's {'0' * 64}"):
-        ShardMaker(model_dir, str(tmp_path), batch_size=2, exit_marker=None, digest="0" * 64)
+        ShardMaker(model_dir, str(tmp_path), "run", batch_size=2, exit_marker=None, digest="0" * 64)
 
 
 # --- end to end on Ray ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, content", [
-    ("p.jsonl", b'{"prompt": "a red circle"}\n{"prompt": "broken\n'),
-    ("p.parquet", b"PAR1 not a parquet file"),  # read_parquet reads the footer in the driver
+@pytest.mark.parametrize("name, content, message", [
+    ("p.parquet", b"PAR1 not a parquet file", "cannot read the prompt files .*p.parquet"),  # footer read in the driver
+    ("p.csv", b"text,seed\na red circle,1\n", "no row of .*p.csv has a prompt; its columns are seed, text"),
 ])
-def test_an_unparsable_prompt_file_is_a_clear_error(ray_session, model_dir, tmp_path, name, content):
+def test_an_unparsable_prompt_file_or_one_without_prompts_is_a_clear_error(ray_session, model_dir, tmp_path, name,
+                                                                            content, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(UserError, match=f"cannot read the prompt files .*{name}"):
+    with pytest.raises(UserError, match=message):
         run(job(str(tmp_path / name), str(tmp_path / "out"), model_dir))
+    assert not (tmp_path / "out" / "failures.jsonl").exists()
+
+
+def test_readers_keep_ids_prompts_and_seeds_as_written(ray_session, tmp_path):
+    # Type guessing would make ids "007" and "7" one int, prompts ints, and seeds with gaps float64.
+    rows = [{"id": "007", "prompt": "1984", "seed": "123456789012345678"}, {"id": "7", "prompt": "1985"},
+            {"id": "1", "prompt": "2001", "seed": "5"}, {"prompt": "2010"}]
+    want = sorted(massgen.check_rows(rows, SETTINGS, MAX_STEPS)["tasks"])
+    write_jsonl(tmp_path / "p.jsonl", [{**r, "seed": int(r["seed"])} if "seed" in r else r for r in rows])
+    with open(tmp_path / "p.jsonl", "a") as f:
+        f.write('{"prompt": "broken\n')
+    (tmp_path / "p.csv").write_text("id,prompt,seed\n" + "".join(
+        f"{r.get('id', '')},{r['prompt']},{r.get('seed', '')}\n" for r in rows))
+    for name in ("p.jsonl", "p.csv"):
+        checked = jobs.generate._read_rows([f"file://{tmp_path / name}"], SETTINGS, MAX_STEPS)
+        assert sorted(r["tasks"] for r in checked if not r["error"]) == want, name
+        failed = [(json.loads(r["source"]).get("text"), r["error"].split(":")[0]) for r in checked if r["error"]]
+        assert failed == ([('{"prompt": "broken', "line is not valid JSON")] if name == "p.jsonl" else []), name
 
 
 def test_workers_with_another_model_than_the_driver_stop_the_run_with_one_line(ray_session, model_dir, tmp_path,
@@ -280,6 +352,7 @@ def test_local_run_writes_each_image_once_and_a_rerun_makes_none(ray_session, mo
     assert len(keys) == len(set(keys)) == 10 and {"r1-0", "r1-1", "r2-0", "r2-1"} <= set(keys)
     expected = {"images_generated": 10, "images_done_before": 0, "rows": 10, "rows_failed": 4, "rows_duplicate": 1}
     assert {k: summary[k] for k in expected} == expected
+    assert summary["images_per_s"] == summary["images_generated"] / summary["stage_s"]
     failures = [json.loads(line) for line in Path(out, "failures.jsonl").read_text().splitlines()]
     assert sorted((f["row"]["prompt"][:8], f["reason"].split(" ")[0], Path(f["row"]["path"]).name) for f in failures) == [
         ("", "prompt", "c.jsonl"), ("a blue c", "seed", "c.jsonl"), ("a cyan s", "seed", "b.csv"), ("xxxxxxxx", "prompt", "c.jsonl")]
@@ -306,14 +379,18 @@ def test_local_run_writes_each_image_once_and_a_rerun_makes_none(ray_session, mo
     assert sorted(manifest_keys(out)) == sorted(keys)
 
 
-def test_s3_run_survives_an_actor_crash_with_each_image_once(ray_session, model_dir, s3_bucket, tmp_path, monkeypatch):
+# An actor dies with a shard rendered but not published (the retry makes it again), or published but
+# not returned (the retry finds it published and counts it so).
+@pytest.mark.parametrize("stage", ["rendered", "published"])
+def test_s3_run_survives_an_actor_crash_with_each_image_once(ray_session, model_dir, s3_bucket, tmp_path, monkeypatch,
+                                                             stage):
     prompts = storage.open_store(s3_bucket + "/in")
     buf = io.BytesIO()
     pq.write_table(pa.table({"prompt": [f"a red circle {i}" for i in range(8)], "seed": list(range(8))}), buf)
     prompts.put_bytes("prompts.parquet", buf.getvalue())
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("SOCARRAT_FAULT_ACTOR_EXIT_ONCE", str(marker))
-    out = s3_bucket + "/run"
+    monkeypatch.setenv("SOCARRAT_FAULT_ACTOR_EXIT", f"{stage}:{marker}")
+    out = f"{s3_bucket}/run-{stage}"
     summary = run(job(s3_bucket + "/in/*.parquet", out, model_dir))
 
     assert marker.exists(), "the fault was not injected: the test proves nothing"
@@ -325,6 +402,31 @@ def test_s3_run_survives_an_actor_crash_with_each_image_once(ray_session, model_
     assert Counter(key for k in tars for key, _ in read_shard(store.url(k))) == Counter(keys)
     again = run(job(s3_bucket + "/in/*.parquet", out, model_dir))
     assert (again["images_generated"], again["images_done_before"]) == (0, 8)
+
+
+def test_a_shard_that_kills_its_worker_every_time_ends_the_run(ray_session, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOCARRAT_FAULT_ACTOR_EXIT", "always")
+    monkeypatch.setattr(jobs.generate, "_SHARD_RETRIES", 1)  # each attempt restarts an actor: keep it short
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    with pytest.raises(UserError, match="a shard worker died on each of 2 attempts"):
+        run(job(str(tmp_path / "p.txt"), str(tmp_path / "out"), model_dir))
+    assert read_manifest(storage.open_store(str(tmp_path / "out"))) is None
+
+
+def test_a_run_whose_lease_is_taken_over_publishes_nothing_more(ray_session, model_dir, tmp_path, monkeypatch):
+    hold = massgen.hold_lease
+
+    @contextlib.contextmanager
+    def taken_over(store, run_id):  # as if this run stalled right away and another took over
+        with hold(store, run_id) as held:
+            put_lease(store, lease(run_id="newer"))
+            yield held
+
+    monkeypatch.setattr(massgen, "hold_lease", taken_over)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    with pytest.raises(UserError, match=r"a shard worker stopped: run local-\w+ lost .*lease.json \(now held by newer\)"):
+        run(job(str(tmp_path / "p.txt"), str(tmp_path / "out"), model_dir))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["failures.jsonl", "job.json", "lease.json"]
 
 
 def test_a_killed_run_then_a_rerun_ends_with_each_image_once(ray_session, model_dir, tmp_path, capsys):

@@ -49,6 +49,16 @@ def test_read_shard_counts_a_corrupt_tar(tmp_path):
     assert list(read_shard(str(tmp_path / "bad.tar"), stats)) == [] and stats == {"corrupt": 1}
 
 
+def test_read_shard_drops_the_sample_a_damaged_tar_cuts(tmp_path):
+    store = storage.open_store(str(tmp_path))
+    write_shard(store, "s.tar", [("k1", {"txt": b"k1", "json": b"{}"}), ("k2", {"txt": b"k2", "json": b" " * 5000})])
+    whole = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[:whole.index(b"k2.json") + 1024])  # inside k2.json's data
+    stats = {}
+    assert list(read_shard(str(tmp_path / "cut.tar"), stats)) == [("k1", {"txt": b"k1", "json": b"{}"})]
+    assert stats == {"corrupt": 1}
+
+
 def test_a_shard_is_complete_only_with_its_manifest_part(store_uri):
     store = storage.open_store(store_uri)
     assert publish_shard(store, "s1", samples(["a", "b"]), manifest(["a", "b"])) is True

@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 from pathlib import Path
 
 import boto3
@@ -160,6 +161,29 @@ def test_missing_bucket_names_the_bucket(s3_server: str, tmp_path: Path) -> None
     ]:
         with pytest.raises(NotFoundError, match="no-such-bucket-socarrat"):
             action()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no AWS credentials for"),
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}, "cannot reach S3 for"),
+], ids=["no-credentials", "unreachable"])
+def test_missing_credentials_or_an_unreachable_endpoint_name_the_uri(s3_bucket: str, tmp_path: Path, monkeypatch,
+                                                                      env: dict, message: str) -> None:
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with socket.socket() as unused:  # bound, never listening: connections to it are refused
+        unused.bind(("127.0.0.1", 0))
+        for name, value in env.items():
+            if value is None:
+                monkeypatch.delenv(name)
+            else:
+                monkeypatch.setenv(name, value.format(port=unused.getsockname()[1]))
+        store = open_store(f"{s3_bucket}/p")
+        for action in [lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b""), lambda: store.list(),
+                       lambda: store.exists("k"), lambda: store.delete("k")]:
+            with pytest.raises(UserError, match=message + " " + re.escape(f"{s3_bucket}/p")):
+                action()
 
 
 def test_read_write_bytes_agree_with_store(store_uri: str) -> None:

@@ -30,10 +30,12 @@ a rerun of the same command gives each unfinished shard its old name.
 
 One run per --out at a time, since step 2 would delete another run's tar in flight: a run holds
 lease.json (`hold_lease`) from before step 1 to its end and refreshes it every LEASE_HEARTBEAT_S. A
-lease not refreshed for LEASE_STALE_S, or left by a process of this host that is gone, belongs to a
-run that died and is taken over; any other lease makes the new run stop with an error naming the
-holder. (Two runs that find the same stale lease at the same instant can both take it over; S3
-offers no compare-and-delete that would close that window.)
+lease left by a process of this host that is gone, or one of another host that stays unchanged for
+LEASE_STALE_S by the new run's own clock (hosts' clocks may disagree), belongs to a run that died
+and is taken over; any other lease makes the new run stop with an error naming the holder. A run
+whose lease was taken over all the same (it stalled that long) publishes nothing more
+(`check_lease`). (Two runs that find the same stale lease at the same instant can both take it
+over; S3 offers no compare-and-delete that would close that window.)
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ PROMPT_FORMATS = (".jsonl", ".csv", ".txt", ".parquet")
 MAX_PROMPT_CHARS = 1000
 JOB, FAILURES, SUMMARY, LEASE = "job.json", "failures.jsonl", "summary.json", "lease.json"
 LEASE_HEARTBEAT_S = 30.0
-LEASE_STALE_S = 120.0  # four missed heartbeats: a run killed elsewhere blocks its rerun this long
+LEASE_STALE_S = 120.0  # four missed heartbeats: a rerun watches the lease of a run killed on another host this long
+COLUMNS = ("prompt", "negative_prompt", "id", "seed", "steps", "guidance")  # of input rows; others are ignored
+_NO_PROMPT = "prompt is missing"  # the reason for a row without one
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _GLOB = re.compile(r"[*?\[]")
 MANIFEST_SCHEMA = pa.schema([
@@ -103,7 +107,8 @@ TASKS = TypeAdapter(list[ImageTask])
 
 
 class Lease(_Frozen):
-    """Which run is writing into an --out now; times are Unix seconds of the holder's clock."""
+    """Which run is writing into an --out now; times are Unix seconds of the holder's clock, for
+    people to read: no run compares them with its own clock."""
 
     run_id: str
     host: str
@@ -111,32 +116,22 @@ class Lease(_Frozen):
     started_at: float
     heartbeat_at: float
 
-    def live(self, now: float) -> bool:
-        """Whether its run may still be writing: refreshed recently, by a process not known to be gone."""
-        if now - self.heartbeat_at > LEASE_STALE_S:
-            return False
-        if self.host == socket.gethostname():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # another user's process: alive
-                pass
-        return True
 
-
-def prompt_files(uri: str) -> list[str]:
-    """The prompt files named by `uri`: one file, a folder or prefix, or a glob (`s3://b/p/*.csv`).
-    NotFoundError, before any work starts, when nothing readable is there."""
+def prompt_files(uri: str, out: str) -> list[str]:
+    """The prompt files named by `uri`: one file, a folder or prefix, or a glob (`s3://b/p/*.csv`,
+    where `*` stays within one path segment). Folders and globs leave out hidden files and folders
+    (`.ipynb_checkpoints/`) and everything under `out`, whose manifest and failures.jsonl would
+    read as prompts on a rerun. NotFoundError, before any work starts, when nothing readable is there."""
     glob = _GLOB.search(uri)
     if glob:
         base = uri[:glob.start()].rpartition("/")[0]
-        pattern = uri[len(base) + 1:] if base else uri
+        pattern = (uri[len(base) + 1:] if base else uri).split("/")
         store = storage.open_store(base or ".")
-        keys = [k for k in store.list() if fnmatch.fnmatchcase(k, pattern)]
+        keys = [k for k in _listing(store, out) if len(k.split("/")) == len(pattern)
+                and all(map(fnmatch.fnmatchcase, k.split("/"), pattern))]
     else:
         store = storage.open_store(uri)
-        keys = store.list()
+        keys = _listing(store, out)
         if not keys:  # not a folder or prefix: maybe one file, a key of its parent
             parent, _, name = uri.rstrip("/").rpartition("/")
             store = storage.open_store(parent or ".")
@@ -147,13 +142,17 @@ def prompt_files(uri: str) -> list[str]:
     return found
 
 
+def _listing(store: storage.Store, out: str) -> list[str]:
+    """The keys of `store` but hidden ones and those under `out`."""
+    skip = storage.open_store(out).uri + "/"
+    return [k for k in store.list()
+            if not any(p.startswith(".") for p in k.split("/")) and not store.url(k).startswith(skip)]
+
+
 def check_spec(spec: SamplerSpec, max_steps: int) -> SamplerSpec:
-    """`spec` if a model with `max_steps` train timesteps can sample it, else UserError. pydantic
-    lets an infinite guidance through (also from the string "inf"), which makes meaningless images."""
+    """`spec` if a model with `max_steps` train timesteps can sample it, else UserError."""
     if spec.steps is not None and spec.steps > max_steps:
         raise UserError(f"steps must be in 1..{max_steps} for this model, got {spec.steps}")
-    if not math.isfinite(spec.guidance):
-        raise UserError(f"guidance must be a finite number >= 0, got {spec.guidance}")
     return spec
 
 
@@ -179,19 +178,37 @@ def tasks_for_row(row: Mapping[str, Any], settings: RunSettings, max_steps: int)
 
 def check_rows(rows: Iterable[dict[str, Any]], settings: RunSettings, max_steps: int) -> dict[str, list[str]]:
     """Columns for a batch of input rows: `tasks` (a JSON list of ImageTask, or "") and `error`
-    (the reason it was rejected, or ""), beside `source`, the row as JSON."""
+    (the reason it was rejected, or ""), beside `source`, the row as JSON. A row of a .jsonl file
+    is its line as `text`, parsed here, so that a bad line fails alone."""
     out: dict[str, list[str]] = {"source": [], "tasks": [], "error": []}
     for row in rows:
-        # Readers mark a missing value as None, or as NaN where they went through pandas (JSON lines).
-        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        tasks, error = "", ""
         try:
-            tasks, error = TASKS.dump_json(tasks_for_row(row, settings, max_steps)).decode(), ""
+            row = _fields(row)
+            tasks = TASKS.dump_json(tasks_for_row(row, settings, max_steps)).decode()
         except UserError as err:
-            tasks, error = "", str(err)
+            error = str(err)
         out["source"].append(json.dumps(row, default=str, ensure_ascii=False))
         out["tasks"].append(tasks)
         out["error"].append(error)
     return out
+
+
+def check_prompt_column(checked: Iterable[Mapping[str, str]]) -> None:
+    """UserError naming the first prompt file (`path`) none of whose rows has a prompt, with its
+    columns: its prompts are in a column of another name, and every row would fail on every rerun."""
+    columns: dict[str, set[str] | None] = {}  # None once a row of the file fails otherwise, or not at all
+    for row in checked:
+        source = json.loads(row["source"])
+        path = source.get("path", "")
+        if row["error"] != _NO_PROMPT:
+            columns[path] = None
+        elif (names := columns.setdefault(path, set())) is not None:
+            names.update(source.keys() - {"path"})
+    for path, names in columns.items():
+        if names is not None:
+            raise UserError(f"no row of {path} has a prompt; its columns are {', '.join(sorted(names)) or 'none'}; "
+                            "name the prompt column `prompt`")
 
 
 @dataclass
@@ -259,7 +276,8 @@ def claim_output(store: storage.Store, settings: RunSettings) -> None:
 @contextlib.contextmanager
 def hold_lease(store: storage.Store, run_id: str) -> Iterator[Lease]:
     """Hold the lease of --out `store` while the block runs, refreshing it from a daemon thread;
-    UserError naming the holder when another live run holds it (see the module docstring)."""
+    UserError naming the holder when another live run holds it (see the module docstring). Finding
+    another host's lease, it watches it for up to LEASE_STALE_S."""
     lease = _acquire_lease(store, run_id)
     stop = threading.Event()
     beats = threading.Thread(target=_heartbeat, args=(storage.open_store(store.uri), lease, stop),
@@ -270,9 +288,19 @@ def hold_lease(store: storage.Store, run_id: str) -> Iterator[Lease]:
     finally:
         stop.set()
         beats.join()
-        with contextlib.suppress(NotFoundError):
-            if Lease.model_validate_json(store.get_bytes(LEASE)).run_id == run_id:  # not taken over meanwhile
-                store.delete(LEASE)
+        held = _read_lease(store)
+        if held is not None and held.run_id == run_id:  # not taken over meanwhile
+            store.delete(LEASE)
+
+
+def check_lease(store: storage.Store, run_id: str) -> None:
+    """UserError unless run `run_id` still holds the lease of --out `store`. A run whose lease was
+    taken over must publish nothing more: the run that took over deletes the tars it finds without
+    a manifest part, and would plan this run's shards in flight again."""
+    held = _read_lease(store)
+    if held is None or held.run_id != run_id:
+        raise UserError(f"run {run_id} lost {store.url(LEASE)} (now held by {held.run_id if held else 'none'}) after "
+                        f"it stalled, and stopped before publishing more; run one at a time, then rerun to resume")
 
 
 def _acquire_lease(store: storage.Store, run_id: str) -> Lease:
@@ -281,27 +309,57 @@ def _acquire_lease(store: storage.Store, run_id: str) -> Lease:
     for _ in range(3):
         if store.put_bytes(LEASE, lease.model_dump_json(indent=2).encode(), if_absent=True):
             return lease
-        try:
-            held = Lease.model_validate_json(store.get_bytes(LEASE))
-        except NotFoundError:  # released in between
+        held = _read_lease(store)
+        if held is None:  # released in between
             continue
-        if held.live(now):
+        if not _gone(store, held):
             raise UserError(
                 f"another run is writing to {store.uri}: run {held.run_id}, pid {held.pid} on {held.host}, "
-                f"started {time.ctime(held.started_at)}, last seen {now - held.heartbeat_at:.0f} s ago "
-                f"({store.url(LEASE)}); wait for it to end, or stop it (`ray job stop <submission id>` if "
-                f"`ray job submit` started it, see `ray job list`; else kill pid {held.pid} on {held.host}) and "
-                f"run again; a lease not refreshed for {LEASE_STALE_S:.0f} s is taken over")
+                f"started {time.ctime(held.started_at)} ({store.url(LEASE)}); wait for it to end, or stop it "
+                f"(`ray job stop <submission id>` if `ray job submit` started it, see `ray job list`; else kill "
+                f"pid {held.pid} on {held.host}) and run again; if no such run lives, delete {store.url(LEASE)}")
         store.delete(LEASE)  # its run died: take it over
     raise UserError(f"{store.url(LEASE)} keeps changing: other runs are starting into {store.uri}; run one at a time")
+
+
+def _gone(store: storage.Store, held: Lease) -> bool:
+    """Whether the run holding `held` is gone. On this host its pid tells, however long the run has
+    stalled. Elsewhere only this process's own clock can: gone if the lease stays unchanged for
+    LEASE_STALE_S, while a live holder rewrites it every LEASE_HEARTBEAT_S."""
+    if held.host == socket.gethostname():
+        try:
+            os.kill(held.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process: alive
+            pass
+        return False
+    logging.getLogger(__name__).warning("%s is held by run %s on %s; watching it for up to %.0f s to tell whether "
+                                        "that run lives", store.url(LEASE), held.run_id, held.host, LEASE_STALE_S)
+    deadline = time.monotonic() + LEASE_STALE_S
+    while time.monotonic() < deadline:
+        time.sleep(LEASE_HEARTBEAT_S / 4)
+        current = _read_lease(store)
+        if current != held:
+            return current is None  # rewritten: alive; released: gone
+    return True
+
+
+def _read_lease(store: storage.Store) -> Lease | None:
+    try:
+        return Lease.model_validate_json(store.get_bytes(LEASE))
+    except NotFoundError:
+        return None
 
 
 def _heartbeat(store: storage.Store, lease: Lease, stop: threading.Event) -> None:
     log = logging.getLogger(__name__)
     while not stop.wait(LEASE_HEARTBEAT_S):
         try:
-            if Lease.model_validate_json(store.get_bytes(LEASE)).run_id != lease.run_id:
-                log.error("%s was taken over by another run after this one stalled; run one at a time", store.url(LEASE))
+            held = _read_lease(store)
+            if held is None or held.run_id != lease.run_id:
+                log.error("%s was taken over by another run after this one stalled; this run stops before "
+                          "publishing more; run one at a time", store.url(LEASE))
                 return
             store.put_bytes(LEASE, lease.model_copy(update={"heartbeat_at": time.time()}).model_dump_json(indent=2).encode())
         except Exception as err:  # a missed beat is retried; the lease goes stale only after several
@@ -346,8 +404,10 @@ def render(generator: Generator, tasks: list[ImageTask], batch_size: int) -> tup
     return results, calls
 
 
-def publish(store: storage.Store, name: str, tasks: list[ImageTask], results: list[Result]) -> tuple[bool, float]:
-    """Encode and publish shard `name` (tar, then manifest part); returns (published, encode_s)."""
+def publish(store: storage.Store, run_id: str, name: str, tasks: list[ImageTask],
+            results: list[Result]) -> tuple[bool, float]:
+    """Encode and publish shard `name` (tar, then manifest part) if run `run_id` still holds the
+    lease (else UserError); returns (published, encode_s)."""
     t0 = time.perf_counter()
     samples, rows = [], []
     for task, result in sorted(zip(tasks, results), key=lambda tr: tr[0].key):
@@ -361,6 +421,7 @@ def publish(store: storage.Store, name: str, tasks: list[ImageTask], results: li
             **task.spec.model_dump(include={"sampler", "steps", "spacing", "guidance"}),
         })
     encode_s = time.perf_counter() - t0
+    check_lease(store, run_id)
     return shards.publish_shard(store, name, samples, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)), encode_s
 
 
@@ -379,7 +440,7 @@ def summarize(plan: Plan, stats: list[ShardStats], wall_s: float, stage_s: float
         "shards_planned": len(plan.shards), "shards_published": sum(s.published for s in stats),
         "model_calls": sum(s.model_calls for s in stats),
         "wall_s": wall_s, "startup_s": wall_s - stage_s, "stage_s": stage_s,
-        "images_per_s": generated / wall_s,
+        "images_per_s": generated / stage_s if generated else 0.0,  # while making shards
         "render_s": sum(s.render_s for s in stats), "encode_s": sum(s.encode_s for s in stats),
         "publish_s": sum(s.publish_s for s in stats),
     }
@@ -400,12 +461,26 @@ def _text(row: Mapping[str, Any], name: str, default: str | None = None) -> str:
     return value
 
 
+def _fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of an input row, a .jsonl line parsed; non-finite numbers as text, so that
+    failures.jsonl stays valid JSON (the checks reject them all the same)."""
+    if str(row.get("path")).endswith(".jsonl"):
+        try:
+            parsed = json.loads(row["text"])
+        except json.JSONDecodeError as err:
+            raise UserError(f"line is not valid JSON: {err}") from None
+        if not isinstance(parsed, dict):
+            raise UserError(f"line must be a JSON object, got {row['text'][:40]!r}")
+        row = {**parsed, "path": row["path"]}
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 def _seed(value: Any, count: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and value.strip().isdecimal():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**63 - count:
         raise UserError(f"seed must be an integer in [0, 2**63 - images_per_prompt], got {str(value)[:40]!r}")

@@ -78,8 +78,9 @@ def list_shards(uri: str) -> list[str]:
 
 
 def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample]:
-    """Samples of one shard in order; an unreadable tar or member is skipped and counted in
-    `stats["corrupt"]` rather than stopping the reader."""
+    """Samples of one shard in order. A damaged tar ends the shard, counted in `stats["corrupt"]`,
+    rather than stopping the reader: the samples before the damage are yielded, the one it cuts
+    is dropped, since some of its members may be missing."""
     stats = stats if stats is not None else {}
     current: Sample | None = None
     try:
@@ -96,6 +97,7 @@ def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample
                 current[1][ext] = data
     except (tarfile.TarError, EOFError, OSError):
         stats["corrupt"] = stats.get("corrupt", 0) + 1
+        return
     if current:
         yield current
 

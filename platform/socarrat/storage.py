@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import boto3
 from botocore.client import BaseClient
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
 
 from socarrat.errors import NotFoundError, UserError
 
@@ -34,6 +34,7 @@ _ALREADY_EXISTS = "PreconditionFailed"  # HTTP 412
 _CONFLICT = "ConditionalRequestConflict"
 _CONFLICT_RETRIES = 5
 _DENIED = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+_UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError)
 
 
 class Store(abc.ABC):
@@ -205,12 +206,13 @@ class S3Store(Store):
             _publish(Path(path), lambda f: self._client.download_fileobj(self.bucket, self._key(key), f))
 
     def exists(self, key: str) -> bool:
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as err:
-            if err.response["Error"].get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._error(err, key) from None
+        with self._errors(key):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as err:
+                if err.response["Error"].get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
         return True
 
     def list(self, prefix: str = "") -> list[str]:
@@ -228,34 +230,41 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def share_url(self, key: str, expires_s: int) -> str:
-        return self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s)
+        with self._errors(key):
+            return self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s)
 
     def _write(self, key: str, if_absent: bool, upload: Callable[[dict], object]) -> bool:
         """Run `upload(extra_args)`; with `if_absent`, S3 itself refuses to overwrite, so no race."""
-        for attempt in itertools.count():
-            try:
-                upload({"IfNoneMatch": "*"} if if_absent else {})
-                return True
-            except ClientError as err:
-                code = err.response["Error"].get("Code")
-                if if_absent and code == _ALREADY_EXISTS:
-                    return False
-                if code != _CONFLICT or attempt == _CONFLICT_RETRIES:
-                    raise self._error(err, key) from None
-            time.sleep(random.uniform(0, 0.05 * 2 ** attempt))  # jitter: the racing writer retries too
+        with self._errors(key):
+            for attempt in itertools.count():
+                try:
+                    upload({"IfNoneMatch": "*"} if if_absent else {})
+                    return True
+                except ClientError as err:
+                    code = err.response["Error"].get("Code")
+                    if if_absent and code == _ALREADY_EXISTS:
+                        return False
+                    if code != _CONFLICT or attempt == _CONFLICT_RETRIES:
+                        raise
+                time.sleep(random.uniform(0, 0.05 * 2 ** attempt))  # jitter: the racing writer retries too
 
     @contextlib.contextmanager
     def _errors(self, key: str | None = None) -> Iterator[None]:
         try:
             yield
-        except ClientError as err:
+        except (ClientError, NoCredentialsError, *_UNREACHABLE) as err:
             raise self._error(err, key) from None
 
-    def _error(self, err: ClientError, key: str | None) -> Exception:
+    def _error(self, err: Exception, key: str | None) -> Exception:
         """The user mistake behind `err`, or `err` itself when it is not one."""
-        code = err.response["Error"].get("Code", "")
         uri = self.url(key) if key else self.uri
+        if isinstance(err, NoCredentialsError):
+            return UserError(f"no AWS credentials for {uri}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                             "AWS_PROFILE, or give the machine a role")
+        if isinstance(err, _UNREACHABLE):
+            return UserError(f"cannot reach S3 for {uri} ({err}); check AWS_ENDPOINT_URL, the region and the network")
+        code = err.response["Error"].get("Code", "")
         if code == "NoSuchBucket":
             return NotFoundError(
                 f"bucket {self.bucket!r} does not exist (needed for {uri}); create it or fix the URI")
