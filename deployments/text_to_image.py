@@ -25,13 +25,12 @@ import torch
 from fastapi import FastAPI, Request
 from starlette.datastructures import UploadFile  # what request.form() returns (FastAPI's is a subclass)
 from fastapi.responses import JSONResponse
-from PIL import Image
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
@@ -64,15 +63,16 @@ class AppArgs(BaseModel):
     max_steps: int = Field(1000, ge=1, description="sampler steps per request")
     max_batch_images: int = Field(16, ge=1, description="images per model call")
     batch_wait_timeout_s: float = Field(
-        0, ge=0, description="how long an idle model waits for a partial batch to fill; requests that "
-        "arrive during a model call always share the next one")
+        0, ge=0, description="before each model call, while fewer than max_batch_images images are queued, "
+        "wait this long (in full) for more; requests that arrive during a model call share the next one anyway")
     max_ongoing_requests: int = Field(32, ge=1, description="per model replica, queued batches included")
     max_queued_requests: int = Field(64, ge=-1, description="per caller beyond those; more get 503; -1: no limit")
     retry_after_s: float = Field(1, gt=0, description="Retry-After of a 503")
     request_timeout_s: float = Field(120, gt=0, description="longest wait for the model's answer; then 504")
     picard_max_ongoing: int = Field(
-        1, ge=0, description="Picard runs in-replica only while the replica holds at most this many "
-        "requests (the one asking included); beyond that it falls back to batched sequential sampling")
+        1, ge=0, description="Picard runs (in the replica or on its actor group) only while the replica holds "
+        "at most this many requests (the one asking included); beyond that it falls back to batched sequential "
+        "sampling")
     picard_actors: int = Field(
         0, ge=0, description="Picard runs on a group of this many Ray actors per model replica, each "
         "holding the model and evaluating its share of every round; 0: in the replica itself")
@@ -111,11 +111,12 @@ class ImageGenerationRequest(BaseModel):
     """`POST /v1/images/generations`: OpenAI's fields, then Socarrat's. Validate it with
     `context={"args": AppArgs, "card": ModelCard}`: the caps and the model's sizes depend on them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf guidance makes NaN images
 
     prompt: str
     n: int = Field(1, ge=1)
-    size: str = Field("auto", description="'WIDTHxHEIGHT' in pixels, or 'auto' for the model's size")
+    size: str = Field("auto", validate_default=True, description="'WIDTHxHEIGHT' in pixels, or 'auto' for the "
+                      "model's size (for edits: the image's)")
     response_format: Literal["b64_json", "url"] = "b64_json"
     model: str | None = None
     seed: int | None = Field(None, ge=0, description="image i gets seed + i; None: a random seed")
@@ -124,9 +125,17 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str = ""
     sampler: Literal["ddim", "ddpm", "paella"] | None = Field(None, description="None: the model's own")
     picard: bool = False
-    window: int | None = Field(None, ge=1, description="Picard: steps evaluated per parallel round")
+    window: int | None = Field(None, ge=1, validate_default=True, description="Picard: steps evaluated per "
+                               "parallel round; None: the most that max_batch_images allows, up to 32")
     tolerance: float | None = Field(None, ge=0, description="Picard: convergence tolerance")
     timeout_s: float | None = Field(None, gt=0, description="give up after this long; None: the deployment's timeout")
+    user: str | None = Field(None, description="OpenAI's end-user id; accepted and ignored")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: object) -> object:
+        # OpenAI's API reads an explicit null as "the default", and its clients send them.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @field_validator("prompt")
     @classmethod
@@ -134,6 +143,14 @@ class ImageGenerationRequest(BaseModel):
         if not prompt.strip():
             raise ValueError("the prompt must not be empty")
         return prompt
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _whole_characters(cls, text: str) -> str:
+        # JSON can escape half a UTF-16 pair ("\ud83d"), which UTF-8 cannot encode: the PNG would fail after sampling.
+        if any("\ud800" <= c <= "\udfff" for c in text):
+            raise ValueError("the text holds a lone UTF-16 surrogate (half of an escaped pair like \\ud83d\\ude00)")
+        return text
 
     @field_validator("n")
     @classmethod
@@ -150,14 +167,8 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size(cls, size: str, info: ValidationInfo) -> str:
-        if size == "auto":
-            return size
-        cap, step = info.context["args"].max_size_px, info.context["card"].downsampling
-        width, _, height = size.partition("x")
-        if not (width.isdigit() and height.isdigit()) or not all(
-                8 <= int(px) <= cap and int(px) % step == 0 for px in (width, height)):
-            raise ValueError(f"size {size!r} is not allowed: use 'auto' or 'WIDTHxHEIGHT' with each side "
-                             f"a multiple of {step} from {max(8, step)} to {cap}")
+        if size != "auto" and (rule := _size_rule(size, info)):
+            raise ValueError(f"size {size!r} is not allowed: use 'auto' or 'WIDTHxHEIGHT' with {rule}")
         return size
 
     @field_validator("response_format")
@@ -198,6 +209,21 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError(f"{info.field_name} applies to Picard sampling only; send picard=true or leave it out")
         return value
 
+    @field_validator("window")
+    @classmethod
+    def _window(cls, window: int | None, info: ValidationInfo) -> int | None:
+        """A Picard round evaluates min(window, steps) states of every image in one model call."""
+        if not info.data.get("picard"):
+            return window
+        cap, n, family = info.context["args"].max_batch_images, info.data.get("n", 1), info.context["card"].family
+        if window is None:
+            return min(SamplerSpec().window, cap // n)
+        steps = info.data.get("steps") or DEFAULT_STEPS[info.data.get("sampler") or _OWN_SAMPLER[family]]
+        if min(window, steps) * n > cap:
+            raise ValueError(f"Picard evaluates min(window, steps) x n = {min(window, steps)} x {n} images per model "
+                             f"call, over this deployment's cap of {cap}; send a window of at most {cap // n}")
+        return window
+
     @field_validator("timeout_s")
     @classmethod
     def _timeout(cls, timeout_s: float | None, info: ValidationInfo) -> float | None:
@@ -229,19 +255,28 @@ class ImageEditRequest(ImageGenerationRequest):
                             "(structural editing; 0: from noise, keeping only what the mask keeps)")
     _edit: Edit = PrivateAttr()
 
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str, info: ValidationInfo) -> str:
+        """'auto' (or nothing): the image's size, which must then be one this deployment makes."""
+        image = info.context["image"]
+        if size not in ("auto", own := f"{image.width}x{image.height}"):
+            raise ValueError(f"size {size} differs from the image's {own}")
+        if rule := _size_rule(own, info):
+            raise ValueError(f"the image is {own}, but edits need {rule}")
+        return own
+
     @model_validator(mode="after")
     def _check_edit(self, info: ValidationInfo) -> "ImageEditRequest":
         if info.context["card"].family != "token":
             raise ValueError("image edits need a token-family model; this deployment serves a Gaussian one")
         image, mask = info.context["image"], info.context["mask"] or info.context["image"]
-        if self.size != f"{image.width}x{image.height}":
-            raise ValueError(f"size {self.size} differs from the image's {image.width}x{image.height}")
         if mask.size != image.size:
             raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
         steps = self.steps or DEFAULT_STEPS["paella"]
         if self.start_step >= steps:
             raise ValueError(f"start_step must be below steps ({steps}), got {self.start_step}")
-        alpha = mask.getchannel("A") if "A" in mask.getbands() else Image.new("L", mask.size, 255)
+        alpha = mask.convert("RGBA").getchannel("A")  # palette and tRNS transparency too; no alpha: opaque
         if alpha.getextrema()[0] > 0:
             raise ValueError("the mask has no fully transparent pixel, so the edit would change nothing: make "
                              "the pixels to paint (all of them, to restyle with start_step) transparent")
@@ -251,6 +286,19 @@ class ImageEditRequest(ImageGenerationRequest):
 
     def edit(self) -> Edit:
         return self._edit
+
+
+_OWN_SAMPLER = {"gaussian": "ddim", "token": "paella"}  # the default of `Generator.resolve`
+
+
+def _size_rule(size: str, info: ValidationInfo) -> str | None:
+    """None if 'WIDTHxHEIGHT' is a size this deployment makes; else what it makes."""
+    cap, step = info.context["args"].max_size_px, info.context["card"].downsampling
+    width, _, height = size.partition("x")
+    if not (width.isdigit() and height.isdigit()) or not all(
+            8 <= int(px) <= cap and int(px) % step == 0 for px in (width, height)):
+        return f"each side a multiple of {step} from {max(8, step)} to {cap}"
+    return None
 
 
 def _at_most(value: float, cap: float, what: str) -> float:
@@ -356,7 +404,7 @@ class ImageModel:
     async def generate(self, request: GenerationRequest, edit: Edit | None = None) -> Generated:
         self.ongoing += 1
         try:
-            mode, spec = self._mode(self.generator.resolve(request.spec))  # resolved: equal work, equal specs
+            mode, spec = self._mode(self._resolve(request.spec))
             job = _Job(request.model_copy(update={"spec": spec}), mode, time.perf_counter(),
                        asyncio.get_running_loop().create_future(), edit)
             self.queue.append(job)
@@ -365,6 +413,12 @@ class ImageModel:
             return await job.answer
         finally:
             self.ongoing -= 1
+
+    def _resolve(self, spec: SamplerSpec) -> SamplerSpec:
+        """The model's defaults filled in, the size too: equal work gets equal specs (and shares model
+        calls), and the metadata states the size made."""
+        spec, size_px = self.generator.resolve(spec), self.card.size_px
+        return spec.model_copy(update={"height_px": spec.height_px or size_px, "width_px": spec.width_px or size_px})
 
     def _mode(self, spec: SamplerSpec) -> tuple[Mode, SamplerSpec]:
         if not spec.picard:
@@ -464,16 +518,24 @@ async def _invalid(request: Request, err: ValidationError) -> JSONResponse:
 
 
 @api.exception_handler(json.JSONDecodeError)
-async def _not_json(request: Request, err: json.JSONDecodeError) -> JSONResponse:
-    return _error(400, f"the body is not valid JSON: {err}", "invalid_request_error", code="invalid_json")
+@api.exception_handler(UnicodeDecodeError)  # json.loads of bytes that are not UTF-8
+async def _not_json(request: Request, err: ValueError) -> JSONResponse:
+    return _error(400, f"the body is not valid JSON in UTF-8: {err}", "invalid_request_error", code="invalid_json")
 
 
 # Serve's own handlers for BackPressureError and DeploymentUnavailableError replace any registered
-# here and answer in plain text, so `ImageAPI._generate` turns them into a _ServiceError.
+# here and answer in plain text, so `ImageAPI._ask` turns them into a _ServiceError.
 @api.exception_handler(_ServiceError)
 async def _service_error(request: Request, err: _ServiceError) -> JSONResponse:
     retry = {"Retry-After": str(math.ceil(err.retry_after_s))} if err.retry_after_s else None
     return _error(err.status, str(err), "server_error", code=err.code, headers=retry)
+
+
+# Our bugs and the infrastructure's failures (a replica lost, out of memory, the object store). Starlette
+# re-raises the error after this answer, and the replica logs it with its traceback ("Request failed.").
+@api.exception_handler(Exception)
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    return _error(500, f"the server failed on this request ({type(err).__name__}); retry it later", "server_error")
 
 
 @serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0})
@@ -488,7 +550,7 @@ class ImageAPI:
 
     async def card(self) -> ModelCard:
         if self._card is None:
-            self._card = await self.model.model_card.remote()
+            self._card = await self._ask(self.model.model_card.remote(), self.args.request_timeout_s)
         return self._card
 
     # The body is parsed by hand, with the deployment's caps as validation context; the schema is
@@ -517,14 +579,13 @@ class ImageAPI:
             images = {k: read_image(data, f"the {k}") for k, data in files.items()}
         except UserError as err:
             return _error(400, str(err), "invalid_request_error", code="invalid_image")
-        if fields.get("size", "auto") == "auto":
-            fields["size"] = f"{images['image'].width}x{images['image'].height}"
         context = {"args": self.args, "card": await self.card(), "image": images["image"], "mask": images.get("mask")}
         body = ImageEditRequest.model_validate(fields, context=context)
         return await self._answer(body, body.edit(), started)
 
     async def _answer(self, body: ImageGenerationRequest, edit: Edit | None, started: float) -> ImagesResponse:
-        generated = await self._generate(body.generation_request(), edit, body.timeout_s or self.args.request_timeout_s)
+        generated = await self._ask(self.model.generate.remote(body.generation_request(), edit),
+                                    body.timeout_s or self.args.request_timeout_s)
         pngs = await asyncio.to_thread(lambda: [r.png_bytes() for r in generated.results])
         seeds = [r.metadata["seed"] for r in generated.results]
         if body.response_format == "url":
@@ -535,8 +596,8 @@ class ImageAPI:
         return ImagesResponse(created=int(time.time()), data=data,
                               metadata=generated.metadata.model_copy(update={"timings": timings}))
 
-    async def _generate(self, request: GenerationRequest, edit: Edit | None, timeout_s: float) -> Generated:
-        response = self.model.generate.remote(request, edit)
+    async def _ask(self, response: DeploymentResponse, timeout_s: float) -> Generated | ModelCard:
+        """The model deployment's answer, its failures as _ServiceErrors."""
         try:
             return await asyncio.wait_for(response, timeout_s)
         except asyncio.TimeoutError:
@@ -566,8 +627,9 @@ class ImageAPI:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        """The ingress is up and has reached a model replica; replicas' own health is `check_health`."""
-        return {"status": "ok", "model": (await self.card()).id}
+        """The ingress is up and a model replica answers now; replicas' own health is `check_health`."""
+        card = await self._ask(self.model.model_card.remote(), self.args.request_timeout_s)
+        return {"status": "ok", "model": card.id}
 
 
 def build_app(args: AppArgs) -> Application:
