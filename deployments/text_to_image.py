@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
 from socarrat.errors import UserError
-from socarrat.generator import DEFAULT_STEPS, Edit, Generator, Result, read_image
+from socarrat.generator import DEFAULT_STEPS, OWN_SAMPLER, Edit, Generator, Result, read_image
 from socarrat.parallel import PicardGroup, WorkerLostError
 
 # The ingress only awaits the model deployment, so it admits far more requests than a model
@@ -218,7 +218,7 @@ class ImageGenerationRequest(BaseModel):
         cap, n, family = info.context["args"].max_batch_images, info.data.get("n", 1), info.context["card"].family
         if window is None:
             return min(SamplerSpec().window, cap // n)
-        steps = info.data.get("steps") or DEFAULT_STEPS[info.data.get("sampler") or _OWN_SAMPLER[family]]
+        steps = info.data.get("steps") or DEFAULT_STEPS[info.data.get("sampler") or OWN_SAMPLER[family]]
         if min(window, steps) * n > cap:
             raise ValueError(f"Picard evaluates min(window, steps) x n = {min(window, steps)} x {n} images per model "
                              f"call, over this deployment's cap of {cap}; send a window of at most {cap // n}")
@@ -286,9 +286,6 @@ class ImageEditRequest(ImageGenerationRequest):
 
     def edit(self) -> Edit:
         return self._edit
-
-
-_OWN_SAMPLER = {"gaussian": "ddim", "token": "paella"}  # the default of `Generator.resolve`
 
 
 def _size_rule(size: str, info: ValidationInfo) -> str | None:

@@ -111,10 +111,8 @@ def _local_copy(uri: str) -> Path:
     cache = _cache_root() / config["sha256"]
     if not (cache / WEIGHTS).is_file() or sha256_file(cache / WEIGHTS) != config["sha256"]:
         store.get_file(WEIGHTS, cache / WEIGHTS)
-    # Written whole, then renamed: K actors of one node may load the same model at once.
-    part = cache / f"{CONFIG}.{os.getpid()}.part"
-    part.write_text(json.dumps(config))
-    part.replace(cache / CONFIG)
+    # Through a temp file (storage's writers): K actors of one node may load the same model at once.
+    storage.write_bytes(str(cache / CONFIG), json.dumps(config).encode())
     return cache
 
 

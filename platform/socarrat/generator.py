@@ -27,6 +27,7 @@ from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step, renoise
 
 DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "paella": 12}
+OWN_SAMPLER = {"gaussian": "ddim", "token": "paella"}  # a family's sampler when a spec names none
 
 # Where a request's model evaluations run: called with its conditioning ((positive, negative)
 # encodings) and guidance, it yields the CFG denoiser and the conditioning that the sampler hands it.
@@ -128,7 +129,7 @@ def resolve_spec(model: ModelSpec, spec: SamplerSpec) -> SamplerSpec:
     """`spec` with the defaults of a `model` filled in (sampler, steps); UserError for a sampler its
     family does not have."""
     token = model.family == "token"
-    sampler = spec.sampler or ("paella" if token else "ddim")
+    sampler = spec.sampler or OWN_SAMPLER[model.family]
     if token != (sampler == "paella"):
         own = "paella" if token else "ddim or ddpm"
         raise UserError(f"sampler {sampler!r} does not apply to this {model.family}-family model; use {own}")

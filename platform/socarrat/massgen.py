@@ -51,7 +51,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,9 +194,11 @@ def check_rows(rows: Iterable[dict[str, Any]], settings: RunSettings, max_steps:
     return out
 
 
-def check_prompt_column(checked: Iterable[Mapping[str, str]]) -> None:
+def check_prompt_column(checked: Sequence[Mapping[str, str]]) -> None:
     """UserError naming the first prompt file (`path`) none of whose rows has a prompt, with its
     columns: its prompts are in a column of another name, and every row would fail on every rerun."""
+    if not any(row["error"] == _NO_PROMPT for row in checked):
+        return  # the usual case: no row's source need be parsed
     columns: dict[str, set[str] | None] = {}  # None once a row of the file fails otherwise, or not at all
     for row in checked:
         source = json.loads(row["source"])
