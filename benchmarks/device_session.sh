@@ -18,6 +18,10 @@ PY=${PYTHON:-python3}
 TRAIN_MIN=${TRAIN_MIN:-5}
 TRAINED=runs/gpu-gaussian$( [ "$SMOKE" = 1 ] && echo -smoke )  # a smoke run never seeds a real one
 [ $# -gt 0 ] || set -- train eval picard backbones tokens
+STAGES=" train eval picard backbones tokens generate serve picard_sd "
+for what in "$@"; do  # every name checked before any work: a typo must not cost a session's last stage
+  [[ "$STAGES" == *" $what "* ]] || { echo "unknown stage $what ($STAGES)"; exit 2; }
+done
 
 small() { [ "$SMOKE" = 1 ] && echo "$1" || echo "$2"; }  # small() CPU-smoke GPU
 COOL_MIN=${COOL_MIN:-$(small 0.05 2)}
@@ -67,7 +71,7 @@ print(t['step'], max(1, int(t['images_per_s'] * $COOL_MIN * 60 / t['config']['ba
     stage backbones_eval 400 "$PY" -m benchmarks.backbones --sizes "$(small 32 64)" --repeats 3 --eval \
       --eval-prompts "$(small 10 300)" --eval-seeds "$(small 1 2)" --out "$OUT/backbones_eval.json" ;;
   picard)
-    stage picard 420 "$PY" -m benchmarks.picard --steps-list "$(small ddpm:50,ddim:20 ddpm:1000,ddim:200,ddim:50)" \
+    stage picard 420 "$PY" -m benchmarks.picard --steps-list "$(small ddpm:20,ddim:10 ddpm:1000,ddim:200,ddim:50)" \
       --window "$(small 8 64)" --out "$OUT/picard.json" ;;
   backbones)  # random weights, 64-512 px, batch 8, bf16 (the benchmark's GPU defaults)
     stage backbones 300 "$PY" -m benchmarks.backbones $( [ "$SMOKE" = 1 ] && echo --sizes 32 --batch 2 ) \
@@ -83,7 +87,6 @@ print(t['step'], max(1, int(t['images_per_s'] * $COOL_MIN * 60 / t['config']['ba
   picard_sd)  # needs the diffusers extra (in the device bundle)
     stage picard_sd 420 "$PY" -m benchmarks.picard_sd $( [ "$SMOKE" = 1 ] && echo --config tiny ) \
       --out "$OUT/picard_sd.json" ;;
-  *) echo "unknown stage $what (train eval picard backbones tokens generate serve picard_sd)"; exit 2 ;;
   esac
 done
 cat "$OUT/stages.txt"

@@ -18,7 +18,8 @@ lives (`socarrat.massgen.hold_lease`).
 
 Two environment variables inject faults for the tests: SOCARRAT_FAULT_ACTOR_EXIT=<stage>:<path> makes
 the first actor to create <path> exit at <stage> of a shard, `rendered` (not published) or `published`
-(not yet returned), and SOCARRAT_FAULT_ACTOR_EXIT=always makes every actor exit once rendered; and
+(not yet returned) (several such faults: separate them with commas), and
+SOCARRAT_FAULT_ACTOR_EXIT=always makes every actor exit once rendered; and
 SOCARRAT_FAULT_DRIVER_EXIT_AFTER_SHARDS=<n> makes the driver make the first n planned shards only,
 then exit hard, as if killed there (no summary).
 """
@@ -120,8 +121,11 @@ class ShardMaker:
 
     def _fault(self, stage: str) -> bool:
         """Whether the injected fault (SOCARRAT_FAULT_ACTOR_EXIT, see the module docstring) strikes at `stage`."""
-        when, _, marker = (self.exit_marker or "").partition(":")
-        return (when == "always" and stage == "rendered") or (when == stage and _first_to_create(marker))
+        for fault in (self.exit_marker or "").split(","):
+            when, _, marker = fault.partition(":")
+            if (when == "always" and stage == "rendered") or (when == stage and _first_to_create(marker)):
+                return True
+        return False
 
 
 def run(job: GenerateJob) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def test_a_stage_writes_its_results_under_out(tmp_path):
     assert "torch" in (tmp_path / "machine.txt").read_text()
 
 
-def test_an_unknown_stage_is_refused(tmp_path):
-    done = session(tmp_path, "trian")
+def test_an_unknown_stage_is_refused_before_any_stage_runs(tmp_path):
+    done = session(tmp_path, "picard", "trian")
     assert done.returncode == 2 and "unknown stage trian" in done.stdout
+    assert not (tmp_path / "stages.txt").exists()

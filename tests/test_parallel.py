@@ -9,6 +9,7 @@ import pytest
 import ray
 import torch
 
+from socarrat.checkpoint import save_checkpoint
 from socarrat.config import SamplerSpec
 from socarrat.generator import Edit
 from socarrat.parallel import PicardGroup, WorkerLostError
@@ -125,6 +126,17 @@ def test_token_edit_on_the_group_equals_in_process(token_group, token_generator)
     assert sum(rows) == there[0].metadata["picard"]["evaluations"]
 
 
-def test_actors_refuse_a_checkpoint_with_another_digest(group, tiny_checkpoint):
-    with pytest.raises(ray.exceptions.RayActorError, match=r"now has digest [0-9a-f]{64}, not the expected 0{64}"):
-        PicardGroup(tiny_checkpoint, actors=1, num_cpus_per_actor=0, digest="0" * 64)
+def test_a_lost_actor_is_not_restarted_on_a_replaced_checkpoint(group, tiny_model, tmp_path):
+    uri = str(tmp_path / "model")
+    lone = PicardGroup(uri, actors=1, num_cpus_per_actor=0, digest=save_checkpoint(tiny_model, uri))
+    cond = request(tiny_model)[0]
+    ray.kill(lone.actors[0], no_restart=True)
+    with pytest.raises(WorkerLostError):
+        with lone.conditioned(cond, 3.0):
+            pass
+    save_checkpoint(tiny_model, uri, dtype=torch.bfloat16)  # other weights at the same URI
+    # The actor's UserError reaches the group as itself, in one line (not "worker lost, retry").
+    with pytest.raises(RuntimeError, match=r"^a lost Picard actor could not be restarted: checkpoint \S+ now has "
+                                           r"digest [0-9a-f]{64}, not the expected [0-9a-f]{64}$"):
+        with lone.conditioned(cond, 3.0):
+            pass

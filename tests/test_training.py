@@ -168,15 +168,14 @@ def test_missing_shards_and_corrupt_samples(tmp_path, shards):
 
 def test_ray_train_job_with_two_ddp_workers(shards, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        run(config(shards, str(tmp_path / "ray"), steps=6, checkpoint_every=6, log_every=3), num_workers=2)
-        # Out of time: both ranks agree to stop at the same step (a rank left alone would hang in all-reduce).
+    try:  # out of time: both ranks agree to stop at the same step (a rank left alone would hang in all-reduce)
         run(config(shards, str(tmp_path / "timed"), steps=60, log_every=3, max_minutes=1e-6), num_workers=2)
     finally:
         ray.shutdown()
-    gen = Generator.load(str(tmp_path / "ray" / "step-00000006"), device="cpu")
-    assert parameter_count(gen.model) > 0
     assert [k for k in storage.open_store(str(tmp_path / "timed")).list() if k.endswith("config.json")] == ["step-00000003/config.json"]
+    gen = Generator.load(str(tmp_path / "timed" / "step-00000003"), device="cpu")
+    [image] = gen.generate(["a red circle"], [1], SamplerSpec(steps=2))
+    assert image.image.size == (32, 32)
 
 
 def test_evaluate_end_to_end(tiny_generator, store_uri):

@@ -48,17 +48,20 @@ class RemoteRows:
 class DenoiseActor:
     """One model replica on the GPU (share) Ray gave it, or on the CPU where there is none."""
 
-    def __init__(self, model: str | torch.nn.Module, digest: str | None):
+    def __init__(self):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.requests: dict[str, tuple[Denoise, Any]] = {}
+
+    def load(self, model: str | torch.nn.Module, digest: str | None) -> None:
+        """Load the model; a method, not `__init__`, so that a UserError reaches the caller as itself."""
         from socarrat.checkpoint import load_checkpoint
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(model, str):
             uri, (model, config) = model, load_checkpoint(model)
             # A checkpoint replaced at its URI after the caller loaded it would give other images.
             if digest is not None and config["sha256"] != digest:
                 raise UserError(f"checkpoint {uri} now has digest {config['sha256']}, not the expected {digest}")
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.requests: dict[str, tuple[Denoise, Any]] = {}
 
     def condition(self, key: str, cond: Any, guidance: float) -> None:
         self.requests[key] = (cfg_denoiser(self.model, guidance), _to_device(cond, self.device))
@@ -102,21 +105,34 @@ class PicardGroup:
             raise UserError(f"actors must be >= 1, got {actors}")
         self._model = model if isinstance(model, str) else ray.put(model)
         self._options, self._digest = {"num_gpus": num_gpus_per_actor, "num_cpus": num_cpus_per_actor}, digest
-        self.actors = [self._start() for _ in range(actors)]
+        self.actors = self._started(actors)
         self._lost: set[int] = set()
-        ray.get([a.__ray_ready__.remote() for a in self.actors])  # a model that fails to load raises here
 
-    def _start(self) -> ray.actor.ActorHandle:
-        name = f"picard-{uuid.uuid4().hex[:12]}"
-        return DenoiseActor.options(name=name, **self._options).remote(self._model, self._digest)
+    def _started(self, count: int) -> list[ray.actor.ActorHandle]:
+        """`count` new actors with the model loaded. A model that fails to load raises here: a
+        UserError (no such checkpoint, another digest) as itself, and no actor is left running."""
+        actors = [DenoiseActor.options(name=f"picard-{uuid.uuid4().hex[:12]}", **self._options).remote()
+                  for _ in range(count)]
+        try:
+            ray.get([actor.load.remote(self._model, self._digest) for actor in actors])
+        except Exception as err:
+            for actor in actors:
+                ray.kill(actor)
+            if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, UserError):
+                raise UserError(str(err.cause)) from None  # one line, without the remote traceback
+            raise
+        return actors
 
     @contextmanager
     def conditioned(self, cond: Any, guidance: float) -> Iterator[tuple[Denoise, RemoteRows]]:
         """Send `cond` (B rows: Generator's (positive, negative) encodings) to every actor once and
         yield (denoise, rows): the sampler's denoiser with CFG at `guidance`, and its conditioning."""
-        for i in self._lost:
-            self.actors[i] = self._start()
-        self._lost.clear()
+        for i in sorted(self._lost):
+            try:
+                [self.actors[i]] = self._started(1)
+            except UserError as err:  # the request is not at fault: the service is
+                raise RuntimeError(f"a lost Picard actor could not be restarted: {err}") from None
+            self._lost.discard(i)
         key = uuid.uuid4().hex
         cond_ref = ray.put(_to_device(cond, torch.device("cpu")))  # each actor moves it to its own device
         try:  # released on every actor that lives, even if one dies while taking it
