@@ -13,7 +13,6 @@ not found out only after the whole evaluation.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import sys
@@ -32,7 +31,6 @@ from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, evaluation_
 from socarrat.errors import UserError
 from socarrat.generator import Generator
 
-_PROBE = "write-check"  # written and removed before the evaluation starts
 
 
 def contact_sheet(images: list[Image.Image], captions: list[str], passed: list[bool], columns: int = 6, cell_px: int = 128) -> Image.Image:
@@ -96,15 +94,6 @@ def write_report(report: dict, out: str) -> None:
     store.put_bytes("scores.json", json.dumps(report["summary"], indent=2).encode())
 
 
-def check_out(out: str) -> None:
-    """UserError unless a report can be written under `out`: a bad scheme, a missing bucket, no
-    permission, a folder that cannot be made. Writes and removes one empty object."""
-    store = storage.open_store(out)
-    store.put_bytes(_PROBE, b"")
-    with contextlib.suppress(UserError):  # a store that allows writes but not deletes is still usable
-        store.delete(_PROBE)
-
-
 def print_table(summary: dict) -> None:
     print(f"\n{'category':<20} {'accuracy':>8}  {'stderr':>6}")
     for category, value in summary["scores"].items():
@@ -129,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         for flag, least in (("prompts", len(CATEGORIES)), ("seeds", 1), ("batch_size", 1)):  # a prompt per category
             if getattr(args, flag) < least:
                 raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
-        check_out(args.out)
+        evaluation_prompts(args.prompts)  # at most 515: the held-out captions there are, checked before the model loads
+        storage.check_writable(args.out)
         report = evaluate(Generator.load(args.model), spec, args.prompts, args.seeds, args.batch_size)
         write_report(report, args.out)
     except (UserError, ValidationError) as err:

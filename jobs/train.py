@@ -18,6 +18,7 @@ from typing import get_args
 
 from pydantic import ValidationError
 
+from socarrat import storage
 from socarrat.cli import one_line
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
@@ -41,19 +42,30 @@ def _ray_worker(config: dict) -> None:
 
 def run(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False) -> TrainResult | None:
     """Train in this process (num_workers=0) or on `num_workers` Ray Train workers."""
+    preflight(cfg)  # a user mistake fails here in one line, not as a worker's traceback, an hour in
     if num_workers == 0:
         return train(cfg)
-    preflight(cfg)  # a user mistake fails here in one line, not as a worker's traceback
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train starts each worker in a folder of its own: relative paths would name other folders
+    # (the shards not found, checkpoints written into the Ray session and lost).
+    paths = {"shards": cfg.shards, "out": cfg.out}
+    paths |= {name: uri for name in ("init", "init_text") if (uri := getattr(cfg, name)) and Path(uri).exists()}
+    local = {name: storage.absolute(uri) for name, uri in paths.items()}
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config=cfg.model_copy(update=local).model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(name="socarrat-train", storage_path=str(Path.home() / "ray_results")),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as err:  # its failures are the workers' own exceptions
+        # What only a worker can find wrong (no readable sample in the shards, say): one line, as above.
+        if mistakes := [e for e in err.worker_failures.values() if isinstance(e, UserError)]:
+            raise UserError(str(mistakes[0])) from None
+        raise
     return None
 
 

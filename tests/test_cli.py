@@ -59,6 +59,13 @@ def test_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, flags, me
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "--seed must be >= 0, got -1"),
+                                            (["--count", "0"], "--count must be >= 1, got 0")])
+def test_shapes_shards_refuses_bad_flags_with_one_line(tmp_path, capsys, flags, message):
+    assert main(["shapes-shards", "--out", str(tmp_path / "s"), *flags]) == 2
+    assert capsys.readouterr().err.strip().endswith(message) and not (tmp_path / "s").exists()
+
+
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "socarrat.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout

@@ -34,6 +34,14 @@ def test_write_shards_round_trip_with_deterministic_names(store_uri):
     assert [u.rsplit("/", 1)[1] for u in uris] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     read = [s for u in uris for s in read_shard(u)]
     assert read == samples(keys)
+    assert write_shards(store_uri, samples(keys[:2]), shard_size=1) == 2  # fewer: the rest are gone
+    assert [u.rsplit("/", 1)[1] for u in list_shards(store_uri)] == ["shard-000000.tar", "shard-000001.tar"]
+
+
+def test_a_key_with_dots_in_its_folders_reads_back_as_written(tmp_path):
+    keys = ["v1.0/abc", "v1.0/sub.dir/def"]
+    write_shards(str(tmp_path), samples(keys), shard_size=2)
+    assert [s for u in list_shards(str(tmp_path)) for s in read_shard(u)] == samples(keys)
 
 
 def test_write_shard_rejects_dotted_keys_and_list_shards_wants_some(store_uri):

@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+import os
 import tarfile
 import time
 
@@ -137,6 +138,41 @@ def test_init_starts_a_new_run_from_a_whole_checkpoint(shards, tmp_path):
         config(shards, str(tmp_path / "both"), init=donor, init_text=donor)
 
 
+def test_resume_says_what_it_does_with_a_finished_run_or_init(shards, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train(config(shards, out, steps=10))
+    capsys.readouterr()
+    again = train(config(shards, out, steps=10, init=out + "/step-00000010"))
+    assert again.step == 10 and not again.losses
+    said = capsys.readouterr().out
+    assert "--init and --init-text only start a new run" in said and "nothing to train" in said
+
+
+def test_weights_without_their_train_state_are_not_resumed(shards, tmp_path, tiny_model):
+    out = tmp_path / "run"
+    save_checkpoint(tiny_model, str(out / "step-00000500"))  # weights copied in, no train_state.pt
+    with pytest.raises(UserError, match=r"no train_state.pt .* --init .*step-00000500 and another --out"):
+        run(config(shards, str(out)), num_workers=2)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "lr: Input should be a finite number"),
+    (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    (["--family", "token", "--steps", "2000"], "the token family trains its VQ for the first vq_steps (2000)"),
+    (["--out", "FILE/run"], "FILE/run"),  # under a file: no checkpoint could ever be written
+])
+def test_train_job_refuses_bad_flags_and_an_unwritable_out_before_any_work(shards, tmp_path, capsys, flags, message):
+    from jobs.train import main
+
+    (tmp_path / "FILE").write_text("")
+    argv = ["--shards", shards, "--out", str(tmp_path / "out"), "--num-workers", "0", *flags]
+    assert main([a.replace("FILE", str(tmp_path / "FILE")) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.replace("FILE", str(tmp_path / "FILE")) in err and "\n" not in err
+    assert not list(tmp_path.glob("out/step-*"))
+
+
 def test_lr_warms_up_holds_and_cools_down_to_zero(shards, tmp_path):
     cfg = config(shards, str(tmp_path), steps=100, lr=1e-3, warmup_steps=10, cooldown_steps=40)
     lrs = [lr_at(cfg, step) for step in range(cfg.steps)]
@@ -166,10 +202,11 @@ def test_missing_shards_and_corrupt_samples(tmp_path, shards):
     assert len(examples.captions) == 100 and examples.corrupt == 2
 
 
-def test_ray_train_job_with_two_ddp_workers(shards, tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False)
+def test_ray_train_job_with_two_ddp_workers(shards, tmp_path, monkeypatch):
+    ray.init(num_cpus=2, include_dashboard=False)  # from the repo root, whose `jobs` the workers import
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed: Ray Train's workers start in folders of their own
     try:  # out of time: both ranks agree to stop at the same step (a rank left alone would hang in all-reduce)
-        run(config(shards, str(tmp_path / "timed"), steps=60, log_every=3, max_minutes=1e-6), num_workers=2)
+        run(config(os.path.relpath(shards), "timed", steps=60, log_every=3, max_minutes=1e-6), num_workers=2)
     finally:
         ray.shutdown()
     assert [k for k in storage.open_store(str(tmp_path / "timed")).list() if k.endswith("config.json")] == ["step-00000003/config.json"]
@@ -208,6 +245,7 @@ def test_evaluate_checks_its_flags_and_out_before_any_work(s3_server, tmp_path, 
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--seeds", "-1"], "--seeds must be >= 1"),
         (["--prompts", "2"], "--prompts must be >= 5"),
+        (["--prompts", "516"], "ask for n <= 515"),
         (["--out", "s4://bucket/eval"], "unsupported scheme"),
         (["--out", "s3://no-such-bucket-here/eval"], "does not exist"),
         (["--out", str(tmp_path / "file" / "eval")], "cannot write"),

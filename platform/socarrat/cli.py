@@ -111,6 +111,9 @@ def cmd_shapes_shards(args: argparse.Namespace) -> None:
     from socarrat.datasets.shapes import dataset
     from socarrat.shards import write_shards
 
+    for flag, value, least in (("--seed", args.seed, 0), ("--count", args.count, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
     def samples():
         for i, (image, caption) in enumerate(dataset(args.seed, args.count, args.size_px)):
             png = io.BytesIO()

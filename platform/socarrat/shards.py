@@ -19,6 +19,7 @@ first-writer-wins (`if_absent`), so a published object never changes. Depends on
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,8 @@ def write_shard(store: storage.Store, name: str, samples: Iterable[Sample], if_a
 
 def write_shards(uri: str, samples: Iterable[Sample], shard_size: int) -> int:
     """Write `samples` as shards `shard-000000.tar`, ... of `shard_size` samples under `uri`;
-    returns the number of shards. Deterministic names: writing again replaces, never adds."""
+    returns the number of shards. Deterministic names: writing again replaces, never adds (the
+    shards of an earlier, larger write that this one did not replace are deleted)."""
     if shard_size < 1:
         raise UserError(f"shard_size must be >= 1, got {shard_size}")
     store, count, batch = storage.open_store(uri), 0, []
@@ -65,6 +67,9 @@ def write_shards(uri: str, samples: Iterable[Sample], shard_size: int) -> int:
     if batch:
         write_shard(store, f"shard-{count:06d}.tar", batch)
         count += 1
+    for key in store.list("shard-"):
+        if (m := re.fullmatch(r"shard-(\d{6})\.tar", key)) and int(m.group(1)) >= count:
+            store.delete(key)
     return count
 
 
@@ -88,7 +93,9 @@ def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.partition(".")
+                folder, _, name = member.name.rpartition("/")  # as write_shard: the key ends at the
+                key, _, ext = name.partition(".")                # first dot of the last path segment
+                key = f"{folder}/{key}" if folder else key
                 data = tar.extractfile(member).read()
                 if current and current[0] != key:
                     yield current

@@ -276,6 +276,9 @@ class S3Store(Store):
         return err
 
 
+_PROBE = ".write-check"  # what `check_writable` writes and removes
+
+
 def open_store(uri: str) -> Store:
     """The store at a base URI: `s3://bucket/prefix`, `file:///abs/dir`, `relative/dir` or `/abs/dir`."""
     if is_remote(uri):
@@ -287,6 +290,21 @@ def open_store(uri: str) -> Store:
 def is_remote(uri: str) -> bool:
     """Whether `uri` names S3 rather than the local disk."""
     return uri.startswith("s3://")
+
+
+def absolute(uri: str) -> str:
+    """`uri` with a relative local path made absolute (s3:// and file:// as they are), for work done
+    in another working directory, such as Ray Train's workers (each starts in a folder of its own)."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def check_writable(uri: str) -> None:
+    """UserError unless objects can be written under `uri` (a bad scheme, a missing bucket, no
+    permission, a folder that cannot be made): writes and removes one empty object."""
+    store = open_store(uri)
+    store.put_bytes(_PROBE, b"")
+    with contextlib.suppress(UserError):  # a store that allows writes but not deletes is still usable
+        store.delete(_PROBE)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -39,7 +39,7 @@ STATE = "train_state.pt"
 class TrainConfig(BaseModel):
     """Everything one training run needs; CLI flags mirror these names."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an lr of inf trains NaN weights
 
     shards: str = Field(description="URI of a folder/prefix of webdataset .tar shards (png + txt)")
     out: str = Field(description="URI where step-XXXXXXXX checkpoints are written")
@@ -66,13 +66,17 @@ class TrainConfig(BaseModel):
                              "train_state.pt is gone, or fine-tune one; token family: --vq-steps 0 keeps its VQ")
     init_text: str | None = Field(None, description="a checkpoint (bundled name, path or s3://) whose text encoder "
                                   "starts this run's: a new backbone learns against a trained text tower")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     compile: bool = False
 
     @model_validator(mode="after")
     def _one_start(self) -> "TrainConfig":
         if self.init and self.init_text:
             raise ValueError("give init or init_text, not both (init already holds a text encoder)")
+        if self.model.family == "token" and self.vq_steps >= self.steps:
+            raise ValueError(f"the token family trains its VQ for the first vq_steps ({self.vq_steps}) of the "
+                             f"{self.steps} steps, so its denoiser would never train: give more steps than "
+                             "vq_steps (or vq_steps 0 with init of a trained token model)")
         return self
 
 
@@ -194,12 +198,16 @@ def latest_checkpoint(out: str) -> tuple[int, str] | None:
 
 def resume_point(cfg: TrainConfig) -> tuple[int, str] | None:
     """(step, URI) of the checkpoint a run of `cfg` resumes from, or None; UserError if that
-    checkpoint's model spec is not `cfg.model` (a different run's output folder)."""
+    checkpoint's model spec is not `cfg.model` (a different run's output folder) or it holds weights
+    without their train_state.pt (weights copied there, say)."""
     if found := latest_checkpoint(cfg.out):
         saved = ModelSpec.model_validate(json.loads(storage.read_bytes(storage.join(found[1], CONFIG)))["model"])
         if saved != cfg.model:
             raise UserError(f"cannot resume from {found[1]}: its model spec differs from the requested one "
                             f"({spec_difference(saved, cfg.model)})")
+        if not storage.open_store(found[1]).exists(STATE):
+            raise UserError(f"cannot resume from {found[1]}: it has weights but no {STATE} (optimiser and raw "
+                            f"weights); start a new run from them with --init {found[1]} and another --out")
     return found
 
 
@@ -214,6 +222,7 @@ def preflight(cfg: TrainConfig) -> None:
     shards to read, a checkpoint to resume that fits the spec, weights to start from that fit it
     (read from the start checkpoint's config alone: the driver never holds the model)."""
     list_shards(cfg.shards)
+    storage.check_writable(cfg.out)  # not at the first checkpoint, an hour in
     if not resume_point(cfg) and (cfg.init or cfg.init_text):
         info = describe_checkpoint(cfg.init or cfg.init_text)
         _check_start(cfg, info.spec if info.format == "socarrat" else None)
@@ -280,6 +289,11 @@ def train(
     start = 0
     if found := resume_point(cfg):
         start, uri = found
+        say = tqdm.write if rank == 0 else lambda text: None
+        if cfg.init or cfg.init_text:
+            say(f"resuming from {uri}: --init and --init-text only start a new run, so they are not used")
+        if start >= cfg.steps:
+            say(f"nothing to train: {uri} is at step {start} of --steps {cfg.steps}; raise --steps to go on")
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), map_location=device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -288,6 +302,7 @@ def train(
         weights = initial_weights(cfg)
         for m in (model, ema):
             (m if cfg.init else m.text).load_state_dict(weights)
+    _same_on_every_rank(start, device)
     data = load_examples(cfg.shards, cfg.model.size_px)
     # Batches (numpy) and noise, timesteps, caption dropout (torch) differ per rank and per resume.
     rng = np.random.default_rng([cfg.seed, rank, start])
@@ -331,6 +346,19 @@ def train(
         if out_of_time:
             break
     return result
+
+
+def _same_on_every_rank(step: int, device: torch.device) -> None:
+    """UserError unless every DDP rank resumes at `step`: ranks that disagree would run loops of
+    other lengths, and hang in an all-reduce, or step other optimiser states."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    steps = torch.tensor([step, -step], device=device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if steps[0].item() != -steps[1].item():
+        raise UserError(f"the training workers found different checkpoints to resume (steps {-steps[1].item()} to "
+                        f"{steps[0].item()}) under a local --out that only one node writes: use shared storage "
+                        "(s3://) for --out when the workers are on several nodes")
 
 
 def _on_any_rank(flag: bool, device: torch.device) -> bool:
