@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from socarrat.config import ModelSpec, TextEncoderSpec
+from socarrat.errors import UserError
 from socarrat.models import build_model
 from socarrat.models.text import build_text_encoder
 
@@ -15,8 +16,8 @@ SMALL = dict(channels=(8, 16, 16), attention_levels=(2,), heads=2, text={"width"
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("hw", [(8, 8), (16, 24), (40, 8)])
 def test_unet_keeps_the_input_shape_at_any_multiple_of_its_downsampling(prediction, hw):
-    model = build_model(ModelSpec(prediction=prediction, in_channels=4, size_px=8, **SMALL))
-    x = torch.randn(2, 4, *hw)
+    model = build_model(ModelSpec(prediction=prediction, size_px=8, **SMALL))
+    x = torch.randn(2, 3, *hw)
     text = model.encode(["a red circle", ""])
     assert model(x, torch.tensor([0, 999]), text).shape == x.shape
     assert model.spec.downsampling == 4
@@ -31,6 +32,12 @@ def test_spec_rejects_sizes_and_levels_it_cannot_build():
         ModelSpec(**{**SMALL, "channels": (15, 32), "attention_levels": (1,)})
     with pytest.raises(ValueError, match=r"channels \[28\] must be multiples of heads=8"):
         ModelSpec(**{**SMALL, "channels": (16, 28), "attention_levels": (1,), "heads": 8})
+    for widths in ({"channels": (32, -64)}, {"hdit": {"widths": (64, -128)}}, {"hdit": {"depths": (0, 0)}},
+                   {"family": "token", "token": {"vq_channels": (0, 64)}}, {"family": "token", "token": {"code_dim": 1}}):
+        with pytest.raises(ValueError, match="greater than"):  # each would build a broken model, or none
+            ModelSpec(**{**SMALL, **widths})
+    with pytest.raises(UserError, match="in_channels=4: a Socarrat Gaussian model works on RGB pixels"):
+        build_model(ModelSpec(in_channels=4, **SMALL))  # no decoder from latents to pixels
 
 
 @pytest.mark.parametrize("channels", [(16, 200), (18, 28), (6, 10)])
@@ -72,6 +79,18 @@ def test_local_hf_text_encoder_feeds_the_unet(hf_clip_dir):
     assert text.tokens.shape == (2, 12, 16) and text.mask[1].sum() == 6  # bos + 4 letters + eos
     assert not torch.equal(text.pooled[0], text.pooled[1])
     assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), text).shape == (2, 3, 8, 8)
+    model.train()  # the denoiser trains; the frozen encoder keeps its dropout off
+    assert model.unet.training and not model.text.model.training
+
+
+def test_a_bang_inside_a_word_is_a_token_not_padding():
+    encoder = build_text_encoder(TextEncoderSpec(width=16, embed_dim=8, layers=1, heads=2)).eval()
+    ids = encoder.token_ids(["a red car!\U0001f525"])[0]
+    assert 0 in ids[:ids.argmax()].tolist()  # open_clip's id of this "!" is 0, its padding id too
+    text = encoder(["a red car!\U0001f525"])
+    assert text.mask[0].sum() == ids.argmax() + 1  # every token up to end-of-text (the highest id)
+    shorter = encoder(["a red car!"])
+    assert text.mask[0].sum() > shorter.mask[0].sum()
 
 
 def test_missing_hf_directory_is_named(tmp_path):

@@ -1,4 +1,5 @@
-"""The Serve endpoint (deployments/text_to_image.py) through the real `openai` client and raw HTTP.
+"""The Serve endpoint (deployments/text_to_image.py) through the real `openai` client and raw HTTP,
+and Serve autoscaling of the model deployment.
 
 One local Ray cluster and one Serve instance for the module, holding every application the tests
 need (see `deployed`). The tiny model is loaded from a checkpoint directory; everything runs on the CPU.
@@ -40,6 +41,9 @@ from socarrat.config import GenerationRequest, SamplerSpec
 REPO = Path(__file__).resolve().parents[1]
 MAX_N, MAX_STEPS = 4, 200
 SLOW_STEPS = 100  # about a second per image on this CPU: long enough to pile requests up behind it
+# Serve autoscaling of the app `autoscale` (min 1, max 3 replicas): the load test's settings.
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+               "downscale_delay_s": 2, "look_back_period_s": 1}
 
 
 @dataclass
@@ -56,9 +60,9 @@ class Served:
 def serve_port(s3_server: str):
     """Serve on a free loopback port. Ray starts after the S3 server, so replicas inherit its AWS_*
     settings; one logical GPU lets serve_config.yaml's `num_gpus: 1` replica be placed (on the CPU).
-    Logical CPUs: one per model replica of the five apps with a model, and three for `group`'s
-    replica and its two Picard actors."""
-    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False)
+    Logical CPUs: one per model replica of the five apps with a model, three for `group`'s
+    replica and its two Picard actors, and 1.5 for `autoscale`'s up to three half-CPU replicas."""
+    ray.init(address="local", num_cpus=10, num_gpus=1, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -88,8 +92,9 @@ def deployed(serve_port: int, tiny_checkpoint: str, tiny_token_checkpoint: str, 
     `main`: generous limits, PNG URLs on the moto S3 server. `tight`: one request in the replica, one
     queued, Picard always "busy", PNG URLs in a local folder. `token`: a token-family model, for image
     edits. `group`: Picard on a group of two CPU actors. `lone`: an ingress whose model is the app
-    `solo` (which a test deletes), storing PNGs in a bucket that does not exist. `broken`: a model path
-    that does not exist. `socarrat`: serve_config.yaml through the `serve run` command line.
+    `solo` (which a test deletes), storing PNGs in a bucket that does not exist. `autoscale`: a model
+    deployment alone, autoscaled (AUTOSCALING). `broken`: a model path that does not exist.
+    `socarrat`: serve_config.yaml through the `serve run` command line.
     """
     tmp = tmp_path_factory.mktemp("serve")
     missing = tmp / "no-such-model"
@@ -112,10 +117,14 @@ def deployed(serve_port: int, tiny_checkpoint: str, tiny_token_checkpoint: str, 
     token = AppArgs(**{**limits, "model_uri": tiny_token_checkpoint})
     group = AppArgs(picard_actors=2, picard_gpus_per_actor=0, **limits)
     lone = AppArgs(store_uri=f"s3://{bucket}-missing/served", **limits)
+    autoscale = ImageModel.options(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=4,
+                                   autoscaling_config=AUTOSCALING)
+    autoscale_args = {**limits, "num_cpus": 0, "max_n": 1, "max_batch_images": 1, "max_ongoing_requests": 4}
     serve.run_many([RunTarget(build_app(main), "main", "/main"), RunTarget(build_app(tight), "tight", "/tight"),
                     RunTarget(build_app(token), "token", "/token"), RunTarget(build_app(group), "group", "/group"),
                     RunTarget(ImageModel.bind(lone), "solo", None),
-                    RunTarget(ImageAPI.bind(DeploymentHandle("ImageModel", "solo"), lone), "lone", "/lone")])
+                    RunTarget(ImageAPI.bind(DeploymentHandle("ImageModel", "solo"), lone), "lone", "/lone"),
+                    RunTarget(autoscale.bind(AppArgs(**autoscale_args)), "autoscale", None)])
     url = f"http://127.0.0.1:{serve_port}"
     try:
         yield Deployed(Served(f"{url}/main", main.store_uri), Served(f"{url}/tight", tight.store_uri),
@@ -498,6 +507,58 @@ def _wait_until_deployed(name: str, timeout_s: float = 150) -> ApplicationStatus
             return app.status
         time.sleep(0.5)  # polling Serve's own status: it offers no event to wait on
     return ApplicationStatus.DEPLOYING
+
+
+def running_replicas() -> int:
+    status = serve.status().applications["autoscale"].deployments["ImageModel"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    """Poll `condition` until true; returns the seconds it took (fails the test at the timeout)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def test_autoscaled_replicas_follow_the_load(deployed: Deployed):
+    """The model deployment grows past 1 replica under load and shrinks back to 1 once it is gone."""
+    handle = serve.get_deployment_handle("ImageModel", "autoscale")
+    assert running_replicas() == 1
+    request = GenerationRequest(prompts=["a red circle"], seeds=[0], spec=SamplerSpec(steps=40))
+
+    async def load(stop: asyncio.Event) -> int:
+        """Keep 12 requests in flight until `stop`; returns how many were answered."""
+        answered = 0
+
+        async def client():
+            nonlocal answered
+            while not stop.is_set():
+                await handle.generate.remote(request)
+                answered += 1
+
+        await asyncio.gather(*(client() for _ in range(12)))
+        return answered
+
+    async def scenario() -> tuple[int, int]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(load(stop))
+        start, peak = time.monotonic(), 1
+        while time.monotonic() - start < 120 and peak < 2:
+            await asyncio.sleep(0.5)
+            peak = max(peak, running_replicas())
+        stop.set()
+        return peak, await task
+
+    t0 = time.monotonic()
+    peak, answered = asyncio.run(scenario())
+    print(f"peak {peak} replicas, {answered} answered, load phase {time.monotonic() - t0:.1f} s")
+    assert peak >= 2 and answered > 0, (peak, answered)
+    down_s = wait_for(lambda: running_replicas() == 1, 120, "scale-down to 1 replica")
+    print(f"back to 1 replica {down_s:.1f} s after the load stopped")
 
 
 def test_missing_model_fails_to_deploy_naming_the_path(deployed: Deployed):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from socarrat.errors import UserError
 
@@ -43,8 +43,8 @@ class TokenSpec(_Spec):
     """The token family's VQ tokenizer and token embedding (Paella, arXiv 2211.07292)."""
 
     codebook_size: int = Field(256, ge=2, le=65536)
-    code_dim: int = Field(8, ge=1, description="width of a code; codes and encoder outputs are l2-normalised")
-    vq_channels: tuple[int, ...] = Field((32, 64), min_length=1, description="VQ encoder widths; each level after "
+    code_dim: int = Field(8, ge=2, description="width of a code; codes and encoder outputs are l2-normalised")
+    vq_channels: tuple[PositiveInt, ...] = Field((32, 64), min_length=1, description="VQ encoder widths; each level after "
                                          "the first halves the resolution, plus one more halving (f = 2**len)")
     embed_dim: int = Field(32, ge=4, description="the denoiser's token embedding width")
 
@@ -58,9 +58,9 @@ class HDiTSpec(_Spec):
     """Shape of the hourglass diffusion transformer (ModelSpec.backbone 'hdit'; arXiv 2401.11605)."""
 
     patch_size: int = Field(2, ge=1, description="pixels per token along each side at the ingress")
-    widths: tuple[int, ...] = Field((64, 128), min_length=1, description="token width per level; each level "
+    widths: tuple[PositiveInt, ...] = Field((64, 128), min_length=1, description="token width per level; each level "
                                     "after the first halves the token map")
-    depths: tuple[int, ...] = Field((2, 3), min_length=1, description="transformer layers per level, on the way "
+    depths: tuple[PositiveInt, ...] = Field((2, 3), min_length=1, description="transformer layers per level, on the way "
                                     "down and again up (the lowest level: once)")
     head_dim: int = Field(32, ge=4, multiple_of=4)
     window: int = Field(8, ge=1, description="side in tokens of the local (shifted-window) self-attention of "
@@ -97,9 +97,9 @@ class ModelSpec(_Spec):
     backbone: Literal["unet", "hdit"] = Field("unet", description="the gaussian family's denoiser: 'unet' is "
                                               "shaped by channels, res_blocks, attention_levels and heads; 'hdit' by hdit")
     hdit: HDiTSpec | None = Field(None, description="backbone 'hdit': its shape")
-    in_channels: int = Field(3, ge=1, description="3 for pixels; latent channels for a latent model")
+    in_channels: int = Field(3, ge=1, description="3: RGB pixels (Socarrat's models); a diffusers checkpoint's latent channels")
     size_px: int = Field(32, ge=8, description="default (square) output size")
-    channels: tuple[int, ...] = Field((32, 64, 128), min_length=1, description="per level")
+    channels: tuple[PositiveInt, ...] = Field((32, 64, 128), min_length=1, description="per level")
     res_blocks: int = Field(1, ge=1, description="ResBlocks per level")
     attention_levels: tuple[int, ...] = Field((2,), description="levels with self+cross attention")
     heads: int = Field(4, ge=1)

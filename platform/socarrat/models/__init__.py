@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from socarrat.config import ModelSpec, check_size
+from socarrat.errors import UserError
 from socarrat.models.hdit import HDiT
 from socarrat.models.paella import TokenModel
 from socarrat.models.text import TextEncoding, build_text_encoder
@@ -28,6 +29,8 @@ class GaussianModel(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        if spec.in_channels != 3:  # latents need a decoder, which only diffusers checkpoints bring
+            raise UserError(f"in_channels={spec.in_channels}: a Socarrat Gaussian model works on RGB pixels (3)")
         self.spec = spec
         self.text = build_text_encoder(spec.text)
         backbone = {"unet": UNet, "hdit": HDiT}[spec.backbone]

@@ -75,11 +75,12 @@ class BuiltinTextEncoder(TextEncoder):
     def forward(self, prompts: Sequence[str]) -> TextEncoding:
         device = self.positional_embedding.device
         ids = self.token_ids(prompts).to(device)
-        mask = ids != 0
+        # The tokens run to end-of-text: padding is id 0, but so is "!" inside a word ("car!🔥").
+        eot = (ids == _bpe(self.context_length).eot_token_id).int().argmax(1)
+        mask = torch.arange(ids.shape[1], device=device) <= eot[:, None]
         x = self.token_projection(self.token_embedding(ids)) + self.positional_embedding
         x = self.final_norm(self.transformer(x, src_key_padding_mask=~mask))
         # Pool at the end-of-text token, as CLIP does: the last real token sees the whole prompt.
-        eot = mask.sum(1) - 1
         pooled = x[torch.arange(len(ids), device=device), eot]
         return TextEncoding(x, pooled, mask)
 
@@ -113,6 +114,12 @@ class HFTextEncoder(TextEncoder):
         self.model = AutoModel.from_pretrained(path, local_files_only=True).requires_grad_(False)
         self.width = self.model.config.hidden_size
         self.context_length = min(spec.context_length, self.tokenizer.model_max_length)
+
+    def train(self, mode: bool = True) -> "HFTextEncoder":
+        """The frozen model stays in eval mode (its dropout off) while the denoiser trains."""
+        super().train(mode)
+        self.model.eval()
+        return self
 
     def forward(self, prompts: Sequence[str]) -> TextEncoding:
         device = next(self.model.parameters()).device
