@@ -255,3 +255,38 @@ def test_evaluate_checks_its_flags_and_out_before_any_work(s3_server, tmp_path, 
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _resume_at(rank: int, steps: tuple[int, int], port: int, verdicts) -> None:
+    """One of two gloo ranks: resume at steps[rank]; record whether the ranks' check refused it."""
+    import torch.distributed as dist
+
+    from socarrat.training import _same_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _same_on_every_rank(steps[rank], torch.device("cpu"))
+        verdicts.put((rank, "agreed"))
+    except UserError as err:
+        verdicts.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("steps, refused", [((500, 500), False), ((500, 0), True)])
+def test_ranks_that_would_resume_at_different_steps_all_stop(steps, refused):
+    import torch.multiprocessing as mp
+
+    from conftest import _free_port
+
+    ctx = mp.get_context("spawn")
+    verdicts, port = ctx.Queue(), _free_port()
+    ranks = [ctx.Process(target=_resume_at, args=(rank, steps, port, verdicts)) for rank in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    said = dict(verdicts.get(timeout=60) for _ in ranks)  # a rank that died puts nothing: fail, not hang
+    assert sorted(said) == [0, 1]
+    for message in said.values():  # every rank stops, not only the one that found no checkpoint
+        assert ("steps 0 to 500" in message and "shared storage" in message) if refused else message == "agreed"
