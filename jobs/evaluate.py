@@ -25,12 +25,11 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.cli import add_sampler_flags, one_line, sampler_spec
+from socarrat.cli import add_sampler_flags, check_at_least, one_line, sampler_spec
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, evaluation_prompts, score
 from socarrat.errors import UserError
 from socarrat.generator import Generator
-
 
 
 def contact_sheet(images: list[Image.Image], captions: list[str], passed: list[bool], columns: int = 6, cell_px: int = 128) -> Image.Image:
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spec = sampler_spec(args)
-        for flag, least in (("prompts", len(CATEGORIES)), ("seeds", 1), ("batch_size", 1)):  # a prompt per category
-            if getattr(args, flag) < least:
-                raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+        check_at_least(args, prompts=len(CATEGORIES), seeds=1, batch_size=1)  # a prompt per category
         evaluation_prompts(args.prompts)  # at most 515: the held-out captions there are, checked before the model loads
         storage.check_writable(args.out)
         report = evaluate(Generator.load(args.model), spec, args.prompts, args.seeds, args.batch_size)

@@ -52,6 +52,13 @@ def sampler_spec(args: argparse.Namespace):
     return SamplerSpec(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
 
 
+def check_at_least(args: argparse.Namespace, **least: int) -> None:
+    """UserError naming the first of these flags below its least value (`seeds=1`: --seeds >= 1)."""
+    for name, bound in least.items():
+        if (value := getattr(args, name)) < bound:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {bound}, got {value}")
+
+
 def _check_out(out: str) -> None:
     if Path(out).suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {out}")
@@ -111,9 +118,8 @@ def cmd_shapes_shards(args: argparse.Namespace) -> None:
     from socarrat.datasets.shapes import dataset
     from socarrat.shards import write_shards
 
-    for flag, value, least in (("--seed", args.seed, 0), ("--count", args.count, 1)):
-        if value < least:
-            raise UserError(f"{flag} must be >= {least}, got {value}")
+    check_at_least(args, seed=0, count=1)
+
     def samples():
         for i, (image, caption) in enumerate(dataset(args.seed, args.count, args.size_px)):
             png = io.BytesIO()
