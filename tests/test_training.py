@@ -7,6 +7,7 @@ import os
 import tarfile
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -76,8 +77,12 @@ def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
     out = str(tmp_path / "run")
     train(config(shards, out, steps=20, checkpoint_every=10))
     saved = torch.load(io.BytesIO(storage.read_bytes(f"{out}/step-00000020/train_state.pt")))
-    resumed = train(config(shards, out, steps=30, checkpoint_every=10))
+    logs = []
+    resumed = train(config(shards, out, steps=30, checkpoint_every=10, log_every=4), report=logs.append)
     assert resumed.step == 30 and len(resumed.losses) == 10
+    # Logged at 24, 28 and the last step, each line over the steps since the one before.
+    assert [log["step"] for log in logs] == [24, 28, 30]
+    assert [log["loss"] for log in logs] == pytest.approx([np.mean(resumed.losses[i:j]) for i, j in ((0, 4), (4, 8), (8, 10))])
     assert set(saved) == {"model", "ema", "opt"} and storage.open_store(out).exists("step-00000030/config.json")
     other = config(shards, out, steps=40, model=TINY_SPEC.model_copy(update={"prediction": "eps"}))
     with pytest.raises(UserError, match="spec differs .* .prediction: v there, eps here"):

@@ -309,7 +309,7 @@ def train(
     torch.manual_seed(int(rng.integers(2**63)))
     result = TrainResult(start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=rank != 0)
-    t0, seen = time.perf_counter(), 0
+    t0, seen, logged = time.perf_counter(), 0, 0  # logged: the losses already in a log line
     stage = None
     for step in bar:
         now, now_start = stage_at(cfg, step)
@@ -336,7 +336,7 @@ def train(
         result.step = step + 1
         if result.step % cfg.log_every == 0 or result.step == cfg.steps:
             result.images_per_s = seen / (time.perf_counter() - t0)
-            recent = float(np.mean(result.losses[-cfg.log_every:]))
+            recent, logged = float(np.mean(result.losses[logged:])), len(result.losses)
             bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{result.images_per_s:.0f}")
             report({"step": result.step, "loss": recent, "images_per_s": result.images_per_s})
         out_of_time = (cfg.max_minutes is not None and result.step % cfg.log_every == 0
