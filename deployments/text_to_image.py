@@ -306,8 +306,10 @@ def _at_most(value: float, cap: float, what: str) -> float:
 
 class GenerationMetadata(BaseModel):
     """How a request's images were made: model, sampler spec, mode (sequential, Picard, or
-    sequential because the replica was busy), timings (seconds; batch_size = images per model call)
-    and, for Picard, the rounds and model evaluations of its model call."""
+    sequential because the replica was busy), timings (seconds; batch_size = images per model call),
+    for Picard the request's rounds (its slowest image's) and model evaluations (its images'
+    states evaluated, however many other requests shared the call), and whether the prompt or the
+    negative prompt was longer than the model's text context (its end not used)."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -317,6 +319,16 @@ class GenerationMetadata(BaseModel):
     spec: SamplerSpec
     timings: dict[str, float | int]
     picard: dict[str, int] | None = None
+    prompt_truncated: bool
+    negative_prompt_truncated: bool
+
+
+def _picard_stats(results: list[Result]) -> dict[str, int] | None:
+    """A request's Picard stats from its images': the rounds of the slowest, the evaluations of all."""
+    stats = [r.metadata["picard"] for r in results if "picard" in r.metadata]
+    if not stats:
+        return None
+    return {"rounds": max(s["rounds"] for s in stats), "evaluations": sum(s["evaluations"] for s in stats)}
 
 
 class ImageData(BaseModel):
@@ -478,7 +490,8 @@ class ImageModel:
                 model=self.card.id, model_digest=self.card.digest, mode=job.mode,
                 spec=SamplerSpec.model_validate(mine[0].metadata["spec"]),
                 timings={**mine[0].metadata["timings"], "queue_s": started - job.arrived_s},
-                picard=mine[0].metadata.get("picard"))))
+                picard=_picard_stats(mine), prompt_truncated=mine[0].metadata["prompt_truncated"],
+                negative_prompt_truncated=mine[0].metadata["negative_prompt_truncated"])))
         return answers
 
     def check_health(self) -> None:

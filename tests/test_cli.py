@@ -31,6 +31,14 @@ def test_generate_writes_png_with_parameters(tmp_path, model_dir):
     assert meta["seed"] == 4 and meta["spec"]["sampler"] == "ddpm"
 
 
+def test_generate_warns_when_the_prompt_is_cut(tmp_path, model_dir, capsys):
+    long = "a red circle " + "and a blue square " * 8  # more than the model's 24 tokens
+    assert main(["generate", "--prompt", long, "--steps", "1", "--model", model_dir, "--out", str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after the progress bar
+        "warning: the prompt is longer than the model's text context; its end was not used")
+    assert json.loads(Image.open(tmp_path / "a.png").text["socarrat"])["prompt_truncated"]
+
+
 def test_generate_and_edit_read_and_write_object_storage(s3_bucket, tiny_token_checkpoint):
     made, edited = f"{s3_bucket}/made/a.png", f"{s3_bucket}/edited/a.png"
     assert main(["generate", "--prompt", "a red circle", "--model", tiny_token_checkpoint, "--out", made]) == 0

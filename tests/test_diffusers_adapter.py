@@ -183,6 +183,7 @@ def test_generator_makes_pngs_of_the_requested_size(generators):
     assert png.size == (32, 48) and json.loads(png.text["socarrat"])["model_digest"] == gen.digest
     with pytest.raises(UserError, match="multiples of 8"):
         gen.generate(PROMPTS[:1], SEEDS[:1], SamplerSpec(steps=2, height_px=50))
+    assert gen.model.truncated(["abcdefghijklmn", "abcdefghijklmno"]) == [False, True]  # a token a letter, 2 + 14 fit 16
 
 
 def test_cli_generates_with_a_diffusers_directory(sd_dir, tmp_path):

@@ -339,7 +339,7 @@ def test_local_run_writes_each_image_once_and_a_rerun_makes_none(ray_session, mo
     (prompts / "b.csv").write_text("prompt,seed\na green triangle,7\na cyan square,-3\n")
     write_jsonl(prompts / "c.jsonl", [
         {"id": "r1", "prompt": "a yellow circle", "negative_prompt": "a red circle", "seed": 11, "steps": 3},
-        {"id": "r2", "prompt": "a magenta square", "guidance": 1.0},
+        {"id": "r2", "prompt": "a magenta square" + " beside a cyan circle" * 6, "guidance": 1.0},  # cut at 24 tokens
         {"prompt": "a red circle"},  # the same as a line of a.txt: generated once
         {"prompt": ""},
         {"prompt": "x" * 2000},
@@ -373,6 +373,8 @@ def test_local_run_writes_each_image_once_and_a_rerun_makes_none(ray_session, mo
             assert np.abs(pixels(samples[row["key"]]["png"]) - np.asarray(want.image).astype(int)).max() <= 1
             assert json.loads(samples[row["key"]]["json"])["seed"] == row["seed"]
     assert {r["seed"] for r in manifest if r["key"].startswith("r1-")} == {11, 12}
+    assert {r["key"] for r in manifest if r["prompt_truncated"]} == {"r2-0", "r2-1"}
+    assert json.loads(samples["r2-0"]["json"])["prompt_truncated"] and not any(r["negative_prompt_truncated"] for r in manifest)
 
     again = run(job(str(prompts), out, model_dir, images_per_prompt=2))
     assert (again["images_generated"], again["images_done_before"], again["shards_planned"]) == (0, 10, 0)

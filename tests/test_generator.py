@@ -53,6 +53,14 @@ def test_metadata_and_size(tiny_generator):
     m = r.metadata
     assert (m["prompt"], m["seed"], m["model_digest"], m["spec"]["steps"]) == ("a red circle", 9, "0" * 64, 3)
     assert set(m["timings"]) >= {"encode_s", "sample_s", "decode_s"}
+    assert not m["prompt_truncated"] and not m["negative_prompt_truncated"]
+
+
+def test_a_prompt_longer_than_the_context_is_flagged(tiny_generator):
+    long = "a red circle " + "and a blue square " * 8  # more than the 24 tokens of the context
+    results = tiny_generator.generate([long, "a red circle"], [1, 1], SamplerSpec(steps=2), [""] * 1 + [long])
+    assert [(r.metadata["prompt_truncated"], r.metadata["negative_prompt_truncated"]) for r in results] == [
+        (True, False), (False, True)]
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -55,6 +55,16 @@ def test_builtin_encoder_pools_the_end_token_and_masks_padding():
     torch.testing.assert_close(out.pooled[0], out.tokens[0, 4])
 
 
+def test_builtin_tokens_are_open_clips_and_truncation_is_flagged():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    enc = build_text_encoder(TextEncoderSpec(width=16, embed_dim=8, layers=1, heads=2, context_length=8))
+    fits, long = "a red circle on the left", "a big red circle on the left"  # 6 and 7 BPE tokens
+    prompts = ["", "a red circle", fits, long, "x " * 50]
+    assert torch.equal(enc.token_ids(prompts), SimpleTokenizer(context_length=8)(prompts))
+    assert enc.truncated(prompts) == [False, False, False, True, True]  # start + 6 + end = 8 fits
+
+
 @pytest.fixture
 def hf_clip_dir(tmp_path):
     """A tiny random CLIP text model + a character-level CLIP tokenizer, saved like a real one."""
@@ -81,6 +91,7 @@ def test_local_hf_text_encoder_feeds_the_unet(hf_clip_dir):
     assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), text).shape == (2, 3, 8, 8)
     model.train()  # the denoiser trains; the frozen encoder keeps its dropout off
     assert model.unet.training and not model.text.model.training
+    assert model.truncated(["abcdefghij", "abcdefghijk", ""]) == [False, True, False]  # bos + 10 + eos = 12
 
 
 def test_a_bang_inside_a_word_is_a_token_not_padding():

@@ -108,8 +108,9 @@ def test_generator_on_the_group_equals_in_process(group, tiny_generator):
     sequential = tiny_generator.generate(prompts, seeds, sequential_spec, denoiser=group.conditioned)
     for a, b, c in zip(here, there, sequential):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1 and np.abs(pixels(a) - pixels(c)).max() <= 1  # float rounding
-    assert 1 < there[0].metadata["picard"]["rounds"] == len(rows) <= STEPS
-    assert sum(rows) == there[0].metadata["picard"]["evaluations"]  # every evaluation ran on the group
+    stats = [r.metadata["picard"] for r in there]  # each image's own
+    assert 1 < max(s["rounds"] for s in stats) == len(rows) <= STEPS
+    assert sum(rows) == sum(s["evaluations"] for s in stats)  # every evaluation ran on the group
 
 
 def test_token_edit_on_the_group_equals_in_process(token_group, token_generator):
@@ -122,8 +123,9 @@ def test_token_edit_on_the_group_equals_in_process(token_group, token_generator)
                                      denoiser=recording(token_group.conditioned, rows))
     for a, b in zip(here, there):  # tokens: exactly the same image
         assert np.array_equal(pixels(a), pixels(b))
-    assert there[0].metadata["picard"]["rounds"] == len(rows) > 1
-    assert sum(rows) == there[0].metadata["picard"]["evaluations"]
+    stats = [r.metadata["picard"] for r in there]
+    assert max(s["rounds"] for s in stats) == len(rows) > 1
+    assert sum(rows) == sum(s["evaluations"] for s in stats)
 
 
 def test_a_lost_actor_is_not_restarted_on_a_replaced_checkpoint(group, tiny_model, tmp_path):

@@ -81,6 +81,10 @@ def test_a_sample_in_a_batch_equals_the_sample_alone(tiny_model):
     alone, alone_stats = sample_picard(*setup(tiny_model, "ddpm", 40, seeds=(1,)), window=8, tolerance=3e-3)
     torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=0)
     assert stats.rounds >= alone_stats.rounds and stats.evaluations > alone_stats.evaluations
+    # ... and so are its own stats: the batch's are their max (rounds) and sum (evaluations).
+    assert (stats.sample_rounds[0], stats.sample_evaluations[0]) == (alone_stats.rounds, alone_stats.evaluations)
+    assert stats.rounds == max(stats.sample_rounds) and stats.evaluations == sum(stats.sample_evaluations)
+    assert len(set(stats.sample_evaluations)) > 1  # the samples converged at other rounds
 
 
 def test_take_rows_repeats_conditioning_per_window_row(tiny_model):

@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 from conftest import _free_port
-from deployments.text_to_image import AppArgs, ImageAPI, ImageGenerationRequest, ImageModel, ModelCard, build_app
+from deployments.text_to_image import AppArgs, ImageAPI, ImageGenerationRequest, ImageModel, ModelCard, _Job, build_app
 from socarrat import storage
 from socarrat.config import GenerationRequest, SamplerSpec
 
@@ -168,7 +168,9 @@ def metadata(response) -> dict:
 
 def test_openai_client_gets_pngs_with_seeds_and_metadata(main: Served):
     client = main.client()
-    response = client.images.generate(prompt="a red circle", n=2, size="32x16", extra_body={"seed": 7, "steps": 3})
+    long = "a blue square " + "and a green triangle " * 6  # more than the model's 24 tokens
+    response = client.images.generate(prompt="a red circle", n=2, size="32x16",
+                                      extra_body={"seed": 7, "steps": 3, "negative_prompt": long})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in response.data]
     assert [(im.format, im.size) for im in images] == [("PNG", (32, 16))] * 2
     assert [d.model_extra["seed"] for d in response.data] == [7, 8]
@@ -178,6 +180,7 @@ def test_openai_client_gets_pngs_with_seeds_and_metadata(main: Served):
     meta = metadata(response)
     assert meta["mode"] == "sequential" and meta["spec"]["steps"] == 3 and meta["spec"]["width_px"] == 32
     assert meta["timings"]["batch_size"] == 2 and meta["timings"]["total_s"] >= meta["timings"]["sample_s"] > 0
+    assert (meta["prompt_truncated"], meta["negative_prompt_truncated"]) == (False, True)
     [model] = client.models.list().data
     assert model.id == meta["model"] and model.model_extra["digest"] == meta["model_digest"]
     assert requests.get(f"{main.base}/healthz").json() == {"status": "ok", "model": model.id}
@@ -459,6 +462,20 @@ def test_requests_arriving_during_a_model_call_share_the_next_one(tiny_checkpoin
     answers = asyncio.run(scenario())
     assert [a.metadata.timings["batch_size"] for a in answers] == [1, 3, 3, 3]
     assert [a.results[0].metadata["seed"] for a in answers] == [0, 2, 3, 4]
+
+
+def test_a_picard_request_reports_its_own_rounds_and_evaluations_in_a_shared_call(tiny_checkpoint: str):
+    replica = ImageModel.func_or_class(AppArgs(model_uri=tiny_checkpoint, num_gpus=0))
+    spec = SamplerSpec(sampler="ddpm", steps=12, picard=True, window=4)
+
+    def job(prompts: list[str], seeds: list[int]) -> _Job:
+        return _Job(GenerationRequest(prompts=prompts, seeds=seeds, spec=spec), "picard-replica", 0.0, answer=None)
+
+    mine = job(["a red circle", "a red circle"], [1, 2])
+    [alone] = replica._run(spec, [mine])
+    shared, _ = replica._run(spec, [mine, job(["two blue squares", "a green triangle"], [3, 4])])
+    assert shared.metadata.timings["batch_size"] == 4 and shared.metadata.picard == alone.metadata.picard
+    assert alone.metadata.picard["evaluations"] == sum(r.metadata["picard"]["evaluations"] for r in alone.results)
 
 
 def test_check_health_reports_non_finite_weights(tiny_checkpoint: str):

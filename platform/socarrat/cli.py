@@ -71,6 +71,10 @@ def _save(result, args: argparse.Namespace) -> None:
     m = result.metadata
     print(f"wrote {args.out} ({m['model']}, {m['spec']['sampler']} {m['spec']['steps']} steps, "
           f"{result.image.width}x{result.image.height}, seed {args.seed}, {m['timings']['sample_s']:.2f} s)")
+    for what in ("prompt", "negative_prompt"):
+        if m[f"{what}_truncated"]:
+            print(f"warning: the {what.replace('_', ' ')} is longer than the model's text context; its end was "
+                  "not used", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

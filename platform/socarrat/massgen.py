@@ -14,7 +14,8 @@ Output layout under --out (`socarrat.shards` owns the tar + manifest pair):
     job.json                 RunSettings of the first run; a rerun must repeat them
     lease.json               the Lease of the run writing now, if any
     shards/{name}.tar        {key}.png + {key}.json per image, members grouped by key
-    manifest/{name}.parquet  one row per image: key, shard, prompt, seed, sampler settings, model
+    manifest/{name}.parquet  one row per image: key, shard, prompt, seed, sampler settings, model,
+                             whether the prompt was cut to the text context (prompt_truncated)
     failures.jsonl           the input rows rejected, with the reason
     summary.json             counts and timings of the latest run
 
@@ -77,6 +78,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("seed", pa.int64()), ("model", pa.string()), ("model_digest", pa.string()), ("sampler", pa.string()),
     ("steps", pa.int32()), ("spacing", pa.string()), ("guidance", pa.float64()),
     ("height_px", pa.int32()), ("width_px", pa.int32()),
+    ("prompt_truncated", pa.bool_()), ("negative_prompt_truncated", pa.bool_()),  # longer than the text context
 ])
 
 
@@ -419,7 +421,8 @@ def publish(store: storage.Store, run_id: str, name: str, tasks: list[ImageTask]
             "key": task.key, "shard": f"{shards.SHARD_DIR}/{name}.tar", "prompt": task.prompt,
             "negative_prompt": task.negative_prompt, "seed": task.seed, "model": meta["model"],
             "model_digest": meta["model_digest"], "height_px": result.image.height,
-            "width_px": result.image.width,
+            "width_px": result.image.width, "prompt_truncated": meta["prompt_truncated"],
+            "negative_prompt_truncated": meta["negative_prompt_truncated"],
             **task.spec.model_dump(include={"sampler", "steps", "spacing", "guidance"}),
         })
     encode_s = time.perf_counter() - t0

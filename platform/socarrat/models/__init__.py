@@ -1,6 +1,7 @@
 """Model families behind one interface, the one `Generator` and the trainers use:
 
 - `encode(prompts)` -> conditioning; `forward(x, t, text)` -> the denoiser's output;
+- `truncated(prompts)` -> whether each prompt is longer than the text encoder's context (its end cut);
 - `latent_shape(height_px, width_px)` -> (C, h, w) of the state a sampler works on (UserError for a
   size the model cannot make) and `pixel_multiple`, the step that sizes must be multiples of;
 - `decode(x)` -> (B, 3, H, W) pixels in [-1, 1] (identity for pixel-space models).
@@ -40,6 +41,9 @@ class GaussianModel(nn.Module):
     def encode(self, prompts: Sequence[str]) -> TextEncoding:
         """Prompts (B strings) -> conditioning for `forward`."""
         return self.text(prompts)
+
+    def truncated(self, prompts: Sequence[str]) -> list[bool]:
+        return self.text.truncated(prompts)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps in [0, train_timesteps) -> (B, C, H, W)."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from socarrat.config import ModelSpec, check_size
 from socarrat.errors import NotFoundError, UserError
-from socarrat.models.text import TextEncoding
+from socarrat.models.text import TextEncoding, hf_truncated
 
 INDEX = "model_index.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -136,6 +136,9 @@ class DiffusersModel(nn.Module):
         use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
         out = self.text_encoder(batch.input_ids, attention_mask=batch.attention_mask if use_mask else None)
         return TextEncoding(out.last_hidden_state, out.pooler_output, batch.attention_mask.bool())
+
+    def truncated(self, prompts: Sequence[str]) -> list[bool]:
+        return hf_truncated(self.tokenizer, prompts, self.tokenizer.model_max_length)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """Latents x (B, 4, h, w), t (B,) long timesteps in [0, train_timesteps) -> the UNet's eps or v,

@@ -55,6 +55,9 @@ class TokenModel(nn.Module):
         """Prompts (B strings) -> conditioning for `forward`."""
         return self.text(prompts)
 
+    def truncated(self, prompts: Sequence[str]) -> list[bool]:
+        return self.text.truncated(prompts)
+
     def forward(self, tokens: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """Tokens (B, h, w) long at timesteps t (B,) -> logits of the clean tokens (B, K, h, w)."""
         return self.unet(self.embed(tokens).permute(0, 3, 1, 2), t, text)

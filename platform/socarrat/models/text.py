@@ -45,6 +45,10 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: Sequence[str]) -> TextEncoding:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def truncated(self, prompts: Sequence[str]) -> list[bool]:  # pragma: no cover - interface
+        """Whether each prompt is longer than the context, so that `forward` saw it with its end cut."""
+        raise NotImplementedError
+
 
 class BuiltinTextEncoder(TextEncoder):
     """A small pre-LN transformer over open_clip's BPE tokens, trained with the model.
@@ -58,7 +62,7 @@ class BuiltinTextEncoder(TextEncoder):
         super().__init__()
         self.context_length = spec.context_length
         self.width = spec.width
-        self.token_embedding = nn.Embedding(len(_bpe(spec.context_length).encoder), spec.embed_dim)
+        self.token_embedding = nn.Embedding(len(_bpe().encoder), spec.embed_dim)
         self.token_projection = nn.Linear(spec.embed_dim, spec.width)
         self.positional_embedding = nn.Parameter(torch.randn(spec.context_length, spec.width) * 0.02)
         layer = nn.TransformerEncoderLayer(
@@ -69,14 +73,23 @@ class BuiltinTextEncoder(TextEncoder):
         self.final_norm = nn.LayerNorm(spec.width)
 
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, context_length) long BPE ids, 0-padded, truncated to the context length."""
-        return torch.stack([_bpe_ids(self.context_length, p) for p in prompts])
+        """(B, context_length) long BPE ids, 0-padded, truncated to the context length as open_clip
+        does (the end cut, end-of-text kept as the last token)."""
+        bpe, n = _bpe(), self.context_length
+        ids = torch.zeros(len(prompts), n, dtype=torch.long)
+        for row, prompt in zip(ids, prompts):
+            tokens = [bpe.sot_token_id, *_bpe_tokens(prompt)[:n - 2], bpe.eot_token_id]
+            row[:len(tokens)] = torch.tensor(tokens)
+        return ids
+
+    def truncated(self, prompts: Sequence[str]) -> list[bool]:
+        return [len(_bpe_tokens(p)) + 2 > self.context_length for p in prompts]
 
     def forward(self, prompts: Sequence[str]) -> TextEncoding:
         device = self.positional_embedding.device
         ids = self.token_ids(prompts).to(device)
         # The tokens run to end-of-text: padding is id 0, but so is "!" inside a word ("car!🔥").
-        eot = (ids == _bpe(self.context_length).eot_token_id).int().argmax(1)
+        eot = (ids == _bpe().eot_token_id).int().argmax(1)
         mask = torch.arange(ids.shape[1], device=device) <= eot[:, None]
         x = self.token_projection(self.token_embedding(ids)) + self.positional_embedding
         x = self.final_norm(self.transformer(x, src_key_padding_mask=~mask))
@@ -86,18 +99,19 @@ class BuiltinTextEncoder(TextEncoder):
 
 
 @functools.cache
-def _bpe(context_length: int):
+def _bpe():
     """open_clip's bundled BPE tokenizer (works offline)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    return SimpleTokenizer(context_length=context_length)
+    return SimpleTokenizer()  # its context length is not used: token_ids pads and cuts
 
 
 # BPE is slow Python and prompts repeat (training captions, popular requests); bounded, so that a
 # server that sees endless new prompts keeps a fixed size.
 @functools.lru_cache(maxsize=4096)
-def _bpe_ids(context_length: int, prompt: str) -> torch.Tensor:
-    return _bpe(context_length)([prompt])[0]
+def _bpe_tokens(prompt: str) -> tuple[int, ...]:
+    """The prompt's BPE ids, whole (no start/end-of-text)."""
+    return tuple(_bpe().encode(prompt))
 
 
 class HFTextEncoder(TextEncoder):
@@ -121,6 +135,9 @@ class HFTextEncoder(TextEncoder):
         self.model.eval()
         return self
 
+    def truncated(self, prompts: Sequence[str]) -> list[bool]:
+        return hf_truncated(self.tokenizer, prompts, self.context_length)
+
     def forward(self, prompts: Sequence[str]) -> TextEncoding:
         device = next(self.model.parameters()).device
         batch = self.tokenizer(
@@ -133,6 +150,13 @@ class HFTextEncoder(TextEncoder):
         if pooled is None:
             pooled = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return TextEncoding(out.last_hidden_state, pooled, mask)
+
+
+def hf_truncated(tokenizer, prompts: Sequence[str], max_length: int) -> list[bool]:
+    """Whether a Hugging Face tokenizer cuts each prompt at `max_length` tokens (special tokens
+    counted): tokenized to one token more, so that a long prompt costs no more than a short one."""
+    ids = tokenizer(list(prompts), truncation=True, max_length=max_length + 1).input_ids
+    return [len(row) > max_length for row in ids]
 
 
 def build_text_encoder(spec: TextEncoderSpec) -> TextEncoder:

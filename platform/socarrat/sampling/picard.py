@@ -59,11 +59,15 @@ from socarrat.sampling.solvers import StepFn
 @dataclass
 class PicardStats:
     """rounds: model calls one after another; evaluations: states evaluated, summed over the batch
-    (CFG's two passes count once, as in `sample`); windows: states evaluated in each round."""
+    (CFG's two passes count once, as in `sample`); windows: states evaluated in each round;
+    sample_rounds and sample_evaluations: each sample's own (the round its last state was accepted
+    in, and its states evaluated), which do not depend on the rest of the batch."""
 
     rounds: int = 0
     evaluations: int = 0
     windows: list[int] = field(default_factory=list)
+    sample_rounds: list[int] = field(default_factory=list)
+    sample_evaluations: list[int] = field(default_factory=list)
 
 
 def take_rows(cond: Any, index: torch.Tensor) -> Any:
@@ -100,6 +104,7 @@ def sample_picard(
     if x.is_floating_point():
         y_scale = torch.cat([schedule.alpha_bar, schedule.alpha_bar_next[-1:]]).sqrt().to(x.device, x.dtype)
     timesteps, stats = schedule.timesteps.to(x.device), PicardStats()
+    rounds, evaluations = torch.zeros_like(begin), torch.zeros_like(begin)  # per sample
     with tqdm(total=n, disable=not progress, desc="picard") as bar:
         while (begin < n).any():
             # Samples whose windows start at the same step go through `step` together.
@@ -108,6 +113,7 @@ def sample_picard(
             out = denoise(traj[j, b], timesteps[j], take_rows(cond, b.to(x.device)))
             stats.rounds, stats.evaluations = stats.rounds + 1, stats.evaluations + len(j)
             stats.windows.append(len(j))
+            evaluations += torch.bincount(b, minlength=len(x))
             for (s, e, m), outs in zip(groups, out.split([(e - s) * len(m) for s, e, m in groups])):
                 outs = outs.reshape(e - s, len(m), *out.shape[1:])
                 old = traj[s:e + 1, m]  # (e - s + 1, M, C, H, W): the base and the window's guesses
@@ -126,7 +132,9 @@ def sample_picard(
                 stop = min(int(begin[m].max()) + window, n)
                 if stop > e:  # guess the states the next windows add
                     traj[e + 1:stop + 1, m] = _extrapolate(step, new[-1], outs[-1], e, stop, noises, m)
+            rounds[(begin >= n) & (rounds == 0)] = stats.rounds
             bar.update(int(begin.min()) - bar.n)
+    stats.sample_rounds, stats.sample_evaluations = rounds.tolist(), evaluations.tolist()
     return traj[n], stats
 
 
