@@ -33,7 +33,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from socarrat import storage
-from socarrat.config import GenerationRequest, SamplerSpec
+from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, SamplerSpec
 from socarrat.errors import UserError
 from socarrat.generator import DEFAULT_STEPS, OWN_SAMPLER, Edit, Generator, Result, read_image
 from socarrat.parallel import PicardGroup, WorkerLostError
@@ -113,7 +113,7 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf guidance makes NaN images
 
-    prompt: str
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     n: int = Field(1, ge=1)
     size: str = Field("auto", validate_default=True, description="'WIDTHxHEIGHT' in pixels, or 'auto' for the "
                       "model's size (for edits: the image's)")
@@ -122,7 +122,7 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, description="image i gets seed + i; None: a random seed")
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0)
-    negative_prompt: str = ""
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     sampler: Literal["ddim", "ddpm", "paella"] | None = Field(None, description="None: the model's own")
     picard: bool = False
     window: int | None = Field(None, ge=1, validate_default=True, description="Picard: steps evaluated per "

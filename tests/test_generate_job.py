@@ -31,7 +31,7 @@ import jobs.generate
 from jobs.generate import GenerateJob, ShardMaker, main, run
 from socarrat import massgen, storage
 from socarrat.checkpoint import describe_checkpoint, save_checkpoint
-from socarrat.config import SamplerSpec
+from socarrat.config import MAX_PROMPT_CHARS, SamplerSpec
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import read_manifest, read_shard, write_shard
@@ -97,7 +97,8 @@ def test_keys_and_seeds_are_stable_and_follow_id_and_seed():
 @pytest.mark.parametrize("row, reason", [
     ({}, "prompt is missing"),
     ({"prompt": "  "}, "prompt is empty"),
-    ({"prompt": "x" * (massgen.MAX_PROMPT_CHARS + 1)}, "characters"),
+    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt has 1001 characters"),
+    ({"prompt": "x", "negative_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "negative_prompt has 1001 characters"),
     ({"prompt": 5}, "prompt must be text"),
     ({"prompt": "x", "seed": -1}, "seed must be"),
     ({"prompt": "x", "seed": 2**63 - 1}, "seed must be"),

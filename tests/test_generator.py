@@ -66,6 +66,8 @@ def test_a_prompt_longer_than_the_context_is_flagged(tiny_generator):
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(prompts=[], seeds=[]), ValidationError, "prompts"),
     (dict(prompts=["  "], seeds=[1]), ValidationError, "empty"),
+    (dict(prompts=["x" * 1001], seeds=[1]), ValidationError, "at most 1000 characters"),
+    (dict(prompts=["x"], seeds=[1], negative_prompts=["x" * 1001]), ValidationError, "at most 1000 characters"),
     (dict(prompts=["a", "b"], seeds=[1]), ValidationError, "seeds"),
     (dict(prompts=["a"], seeds=[-1]), ValidationError, "seeds"),
     (dict(prompts=["a"], seeds=[1], spec=SamplerSpec(height_px=15)), UserError, "multiples of 2"),

@@ -36,7 +36,7 @@ from ray.serve.schema import ApplicationStatus
 from conftest import _free_port
 from deployments.text_to_image import AppArgs, ImageAPI, ImageGenerationRequest, ImageModel, ModelCard, _Job, build_app
 from socarrat import storage
-from socarrat.config import GenerationRequest, SamplerSpec
+from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, SamplerSpec
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_N, MAX_STEPS = 4, 200
@@ -214,6 +214,8 @@ BAD_INPUT = [
     ({"prompt": "  "}, "prompt"),
     ({"prompt": "cat \ud83d"}, "prompt"),  # json.dumps writes the lone surrogate as a \ud83d escape
     ({"prompt": "x", "negative_prompt": "\udc00 dog"}, "negative_prompt"),
+    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+    ({"prompt": "x", "negative_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "negative_prompt"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": MAX_N + 1}, "n"),
     ({"prompt": "x", "size": "33x32"}, "size"),
@@ -235,7 +237,7 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("body, param", BAD_INPUT, ids=[str(b) for b, _ in BAD_INPUT])
+@pytest.mark.parametrize("body, param", BAD_INPUT, ids=[str(b)[:60] for b, _ in BAD_INPUT])
 def test_bad_input_gets_400_naming_the_field(main: Served, body, param):
     raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
     response = requests.post(f"{main.base}/v1/images/generations", data=raw,

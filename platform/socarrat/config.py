@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from socarrat.errors import UserError
 
+# The longest prompt or negative prompt any front door takes (OpenAI's images API takes 1000 for
+# DALL-E 2). Text encoders read 24-77 tokens of it (the rest is cut and flagged); the cap bounds what
+# a request costs to tokenize and to keep in the tokenizer's cache.
+MAX_PROMPT_CHARS = 1000
+MAX_CONTEXT = 77  # tokens, the most a built-in text encoder reads (CLIP's context)
+
 
 class _Spec(BaseModel):
     # allow_inf_nan: pydantic takes inf and nan (also from the strings "inf", "nan") by default, and an
@@ -24,7 +30,7 @@ class TextEncoderSpec(_Spec):
 
     kind: Literal["builtin", "hf"] = "builtin"
     path: str | None = Field(None, description="local directory of a Hugging Face model (kind=hf)")
-    context_length: int = Field(24, ge=4, le=77)
+    context_length: int = Field(24, ge=4, le=MAX_CONTEXT)
     width: int = Field(128, ge=8)
     embed_dim: int = Field(32, ge=8, description="factorised token embedding (vocab x embed_dim)")
     layers: int = Field(2, ge=1)
@@ -196,6 +202,8 @@ class GenerationRequest(_Spec):
             raise ValueError(f"{len(self.prompts)} prompts but {len(self.negative_prompts)} negatives")
         if any(not p.strip() for p in self.prompts):
             raise ValueError("prompts must not be empty")
+        if max(map(len, self.prompts + (self.negative_prompts or []))) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompts and negative prompts must be at most {MAX_PROMPT_CHARS} characters")
         if any(not 0 <= s < 2**63 for s in self.seeds):
             raise ValueError("seeds must be in [0, 2**63)")
         return self

@@ -116,7 +116,8 @@ class Edit:
 
 @dataclass
 class Blend:
-    """Interpolation between prompts: sample i is conditioned on lerp(prompt i, prompts[i], weights[i])."""
+    """Interpolation between prompts: sample i is conditioned on lerp(prompt i, prompts[i], weights[i]).
+    These prompts, too, are cut to the text context; the metadata flags only the request's own."""
 
     prompts: list[str]
     weights: list[float]
@@ -204,14 +205,14 @@ class Generator:
                 cond = (blend.apply(cond[0], self.model.encode(blend.prompts)), cond[1])
             t1 = time.perf_counter()
             x, schedule, step, noises = self._plan(spec, request.seeds, shape)
-            picard = [{}] * len(x)
+            extra = [{} for _ in range(len(x))]  # per image
             with (denoiser or self._local_denoiser)(cond, spec.guidance) as (denoise, cond):
                 if edit is not None:
                     x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, schedule, noises, denoise, cond)
                 if spec.picard:
                     x, stats = sample_picard(denoise, x, schedule, step, noises, cond, spec.window, spec.tolerance, progress)
-                    picard = [{"picard": {"rounds": r, "evaluations": e}}  # each image's own, not the batch's
-                              for r, e in zip(stats.sample_rounds, stats.sample_evaluations)]
+                    for own, r, e in zip(extra, stats.sample_rounds, stats.sample_evaluations):
+                        own["picard"] = {"rounds": r, "evaluations": e}  # each image's own, not the batch's
                 else:
                     x = sample(denoise, x, schedule, step, noises, cond, progress)
             t2 = time.perf_counter()
@@ -219,14 +220,14 @@ class Generator:
         pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         t3 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2, "batch_size": len(x)}
-        cut = zip(self.model.truncated(request.prompts), self.model.truncated(negatives))
+        for own, p_cut, n_cut in zip(extra, self.model.truncated(request.prompts), self.model.truncated(negatives)):
+            own |= {"prompt_truncated": p_cut, "negative_prompt_truncated": n_cut}
         return [
             Result(Image.fromarray(np.ascontiguousarray(img)), {
                 "prompt": p, "negative_prompt": n, "seed": s, "model": self.name,
                 "model_digest": self.digest, "spec": spec.model_dump(), "timings": timings, **own,
-                "prompt_truncated": p_cut, "negative_prompt_truncated": n_cut,
             })
-            for img, p, n, s, (p_cut, n_cut), own in zip(pixels, request.prompts, negatives, request.seeds, cut, picard)
+            for img, p, n, s, own in zip(pixels, request.prompts, negatives, request.seeds, extra)
         ]
 
     def _plan(self, spec: SamplerSpec, seeds: Sequence[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, Any, StepFn, torch.Tensor | None]:

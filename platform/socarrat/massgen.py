@@ -15,7 +15,8 @@ Output layout under --out (`socarrat.shards` owns the tar + manifest pair):
     lease.json               the Lease of the run writing now, if any
     shards/{name}.tar        {key}.png + {key}.json per image, members grouped by key
     manifest/{name}.parquet  one row per image: key, shard, prompt, seed, sampler settings, model,
-                             whether the prompt was cut to the text context (prompt_truncated)
+                             whether a prompt was cut to the text context (prompt_truncated,
+                             negative_prompt_truncated)
     failures.jsonl           the input rows rejected, with the reason
     summary.json             counts and timings of the latest run
 
@@ -60,12 +61,11 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from socarrat import shards, storage
-from socarrat.config import SamplerSpec
+from socarrat.config import MAX_PROMPT_CHARS, SamplerSpec
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator, Result
 
 PROMPT_FORMATS = (".jsonl", ".csv", ".txt", ".parquet")
-MAX_PROMPT_CHARS = 1000
 JOB, FAILURES, SUMMARY, LEASE = "job.json", "failures.jsonl", "summary.json", "lease.json"
 LEASE_HEARTBEAT_S = 30.0
 LEASE_STALE_S = 120.0  # four missed heartbeats: a rerun watches the lease of a run killed on another host this long
@@ -165,9 +165,10 @@ def tasks_for_row(row: Mapping[str, Any], settings: RunSettings, max_steps: int)
     prompt = _text(row, "prompt")
     if not prompt.strip():
         raise UserError("prompt is empty")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise UserError(f"prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
     negative = _text(row, "negative_prompt", default="")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise UserError(f"{name} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
     n = settings.images_per_prompt
     seed = _seed(row.get("seed"), n)
     spec = check_spec(_spec(settings.spec, {k: row[k] for k in ("steps", "guidance") if row.get(k) is not None}), max_steps)

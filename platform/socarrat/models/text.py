@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from socarrat.config import TextEncoderSpec
+from socarrat.config import MAX_CONTEXT, TextEncoderSpec
 from socarrat.errors import NotFoundError
 
 
@@ -110,8 +110,9 @@ def _bpe():
 # server that sees endless new prompts keeps a fixed size.
 @functools.lru_cache(maxsize=4096)
 def _bpe_tokens(prompt: str) -> tuple[int, ...]:
-    """The prompt's BPE ids, whole (no start/end-of-text)."""
-    return tuple(_bpe().encode(prompt))
+    """The prompt's BPE ids (no start/end-of-text), at most the longest context's worth and one more:
+    enough to fill any context (`TextEncoderSpec.context_length` <= MAX_CONTEXT) and to tell whether it was cut."""
+    return tuple(_bpe().encode(prompt)[:MAX_CONTEXT - 1])
 
 
 class HFTextEncoder(TextEncoder):
