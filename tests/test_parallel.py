@@ -2,17 +2,21 @@
 for Gaussian and token models (edits included); a killed actor fails the request with a clear error
 (never a wrong image) and the group recovers for the next request."""
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import ray
 import torch
+from ray.exceptions import RayActorError
 
+from socarrat import parallel
 from socarrat.checkpoint import save_checkpoint
 from socarrat.config import SamplerSpec
 from socarrat.generator import Edit
-from socarrat.parallel import PicardGroup, WorkerLostError
+from socarrat.parallel import PicardGroup, WorkerLostError, split
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step
 from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.schedules import Schedule
@@ -96,6 +100,30 @@ def recording(source, rows: list[int]):
             yield (lambda x, t, c: rows.append(len(x)) or denoise(x, t, c)), remote_cond
 
     return conditioned
+
+
+def test_a_group_waiting_for_resources_says_so_and_a_killed_wait_ends(group, tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr(parallel, "WAIT_NOTICE_S", 0.2)
+    before = set(ray.util.list_named_actors())
+    with ThreadPoolExecutor(1) as pool:  # two GPUs per actor on a cluster of one: never scheduled
+        waiting = pool.submit(PicardGroup, tiny_model, actors=1, num_gpus_per_actor=2)
+        notice, deadline = "still waiting for 1 Picard actors with {'num_gpus': 2", time.monotonic() + 120
+        while notice not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert notice in caplog.text
+        for name in set(ray.util.list_named_actors()) - before:
+            ray.kill(ray.get_actor(name))
+        with pytest.raises(RayActorError):
+            waiting.result()
+
+
+def test_each_actor_is_sent_its_share_of_the_window_only():
+    window = torch.randn(64, 3, 32, 32)
+    parts = split(window, 4)
+    assert torch.equal(torch.cat(parts), window)
+    # Ray pickles tensors: a view would carry the whole window's storage to every actor.
+    sent = [len(ray.cloudpickle.dumps(part)) for part in parts]
+    assert max(sent) < 0.3 * len(ray.cloudpickle.dumps(window))
 
 
 def test_generator_on_the_group_equals_in_process(group, tiny_generator):

@@ -129,3 +129,12 @@ def test_render_refuses_sizes_the_analyzer_is_not_made_for():
     scene, _, _ = sample_example(np.random.default_rng(8))
     with pytest.raises(UserError, match="size_px=16"):
         render(scene, 16)
+
+
+def test_analyze_takes_uint8_rgb_only():
+    scene, _, _ = sample_example(np.random.default_rng(8))
+    image = render(scene, 32)
+    assert analyze(image)
+    for bad in (image / 255.0, image[..., :2]):  # a float image would find nothing and fail every prompt
+        with pytest.raises(UserError, match="analyze takes \\(H, W, 3\\) uint8 RGB"):
+            analyze(bad)

@@ -165,8 +165,9 @@ def test_missing_bucket_names_the_bucket(s3_server: str, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("env, message", [
     ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no AWS credentials for"),
+    ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_PROFILE": "typo"}, "no AWS credentials for"),
     ({"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}, "cannot reach S3 for"),
-], ids=["no-credentials", "unreachable"])
+], ids=["no-credentials", "unknown-profile", "unreachable"])
 def test_missing_credentials_or_an_unreachable_endpoint_name_the_uri(s3_bucket: str, tmp_path: Path, monkeypatch,
                                                                       env: dict, message: str) -> None:
     for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
@@ -184,6 +185,11 @@ def test_missing_credentials_or_an_unreachable_endpoint_name_the_uri(s3_bucket: 
                        lambda: store.exists("k"), lambda: store.delete("k")]:
             with pytest.raises(UserError, match=message + " " + re.escape(f"{s3_bucket}/p")):
                 action()
+
+
+def test_an_invalid_bucket_name_is_one_line(s3_server: str) -> None:
+    with pytest.raises(UserError, match='^s3://my bucket/p/k is not a valid S3 location: Invalid bucket name "my bucket"$'):
+        open_store("s3://my bucket/p").get_bytes("k")
 
 
 def test_read_write_bytes_agree_with_store(store_uri: str) -> None:

@@ -16,6 +16,7 @@ image; the group replaces the actor before its next request. The samplers stay p
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -27,6 +28,9 @@ from ray.exceptions import RayActorError
 from socarrat.errors import UserError
 from socarrat.sampling import Denoise, cfg_denoiser
 from socarrat.sampling.picard import take_rows
+
+
+WAIT_NOTICE_S = 60.0  # how often a group still waiting for its actors says so
 
 
 class WorkerLostError(RuntimeError):
@@ -88,6 +92,12 @@ def _to_device(cond: Any, device: torch.device) -> Any:
     return cond.to(device)
 
 
+def split(tensor: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """`tensor` in k parts along dim 0 (on the CPU), each a copy of its own: a view would be pickled
+    with its whole storage, so every actor would be sent the whole window."""
+    return [part.clone() for part in tensor.cpu().tensor_split(k)]
+
+
 class PicardGroup:
     """K actors that evaluate the rows of each Picard round together.
 
@@ -114,7 +124,13 @@ class PicardGroup:
         actors = [DenoiseActor.options(name=f"picard-{uuid.uuid4().hex[:12]}", **self._options).remote()
                   for _ in range(count)]
         try:
-            ray.get([actor.load.remote(self._model, self._digest) for actor in actors])
+            loads = [actor.load.remote(self._model, self._digest) for actor in actors]
+            # No time limit: an autoscaling cluster may take minutes to add the nodes. Say what it waits for.
+            while len(ray.wait(loads, num_returns=len(loads), timeout=WAIT_NOTICE_S)[0]) < len(loads):
+                logging.getLogger(__name__).warning(
+                    "still waiting for %d Picard actors with %s each (the cluster has %s): `ray status` shows "
+                    "whether it can add them", count, self._options, ray.cluster_resources())
+            ray.get(loads)
         except Exception as err:
             for actor in actors:
                 ray.kill(actor)
@@ -147,7 +163,7 @@ class PicardGroup:
         def denoise(x: torch.Tensor, t: torch.Tensor, rows: RemoteRows) -> torch.Tensor:
             k = len(self.actors)
             index = torch.arange(len(x)) if rows.rows is None else rows.rows
-            shards = [s for s in zip(x.cpu().tensor_split(k), t.cpu().tensor_split(k), index.tensor_split(k)) if len(s[0])]
+            shards = [s for s in zip(split(x, k), split(t, k), split(index, k)) if len(s[0])]
             outs = self._gather([actor.denoise.remote(key, *shard) for actor, shard in zip(self.actors, shards)])
             return torch.cat(outs).to(x.device)
 
@@ -163,6 +179,8 @@ class PicardGroup:
                     ray.get(ref)
                 except RayActorError:
                     self._lost.add(i)
+                except Exception:  # another actor's own error (out of memory, say): it lives, and the request fails
+                    pass
             raise WorkerLostError(
                 f"Picard actor(s) {sorted(self._lost)} of {len(self.actors)} died while sampling; this request "
                 "produced no image: retry it (the group restarts lost actors before the next request)"

@@ -21,7 +21,10 @@ from typing import BinaryIO
 
 import boto3
 from botocore.client import BaseClient
-from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (
+    ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, ParamValidationError,
+    PartialCredentialsError, ProfileNotFound,
+)
 
 from socarrat.errors import NotFoundError, UserError
 
@@ -33,8 +36,10 @@ _ALREADY_EXISTS = "PreconditionFailed"  # HTTP 412
 # upload from its start), and then answers 412 if the other write created the object.
 _CONFLICT = "ConditionalRequestConflict"
 _CONFLICT_RETRIES = 5
-_DENIED = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+_DENIED = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+           "InvalidToken")
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError)
+_NO_CREDENTIALS = (NoCredentialsError, PartialCredentialsError, ProfileNotFound)
 
 
 class Store(abc.ABC):
@@ -217,9 +222,9 @@ class S3Store(Store):
 
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=base + self._check_prefix(prefix))
         with self._errors():
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base + self._check_prefix(prefix))
             return sorted(obj["Key"][len(base):] for page in pages for obj in page.get("Contents", []))
 
     def delete(self, key: str) -> None:
@@ -253,18 +258,23 @@ class S3Store(Store):
     def _errors(self, key: str | None = None) -> Iterator[None]:
         try:
             yield
-        except (ClientError, NoCredentialsError, *_UNREACHABLE) as err:
+        except (ClientError, ParamValidationError, *_NO_CREDENTIALS, *_UNREACHABLE) as err:
             raise self._error(err, key) from None
 
     def _error(self, err: Exception, key: str | None) -> Exception:
         """The user mistake behind `err`, or `err` itself when it is not one."""
         uri = self.url(key) if key else self.uri
-        if isinstance(err, NoCredentialsError):
-            return UserError(f"no AWS credentials for {uri}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+        if isinstance(err, _NO_CREDENTIALS):
+            why = "" if isinstance(err, NoCredentialsError) else f" ({err})"
+            return UserError(f"no AWS credentials for {uri}{why}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                              "AWS_PROFILE, or give the machine a role")
         if isinstance(err, _UNREACHABLE):
             return UserError(f"cannot reach S3 for {uri} ({err}); check AWS_ENDPOINT_URL, the region and the network")
+        if isinstance(err, ParamValidationError):  # an S3 URI that cannot be a request, such as "s3://my bucket"
+            return UserError(f"{uri} is not a valid S3 location: {err.kwargs['report'].split(':')[0]}")
         code = err.response["Error"].get("Code", "")
+        if code == "InvalidBucketName":
+            return UserError(f"{self.bucket!r} is not a valid S3 bucket name (in {uri})")
         if code == "NoSuchBucket":
             return NotFoundError(
                 f"bucket {self.bucket!r} does not exist (needed for {uri}); create it or fix the URI")
@@ -356,8 +366,10 @@ def _publish(dest: Path, fill: Callable[[BinaryIO], object], *, if_absent: bool 
         # Mode 0o666 minus the umask, like a plain open(); mkstemp's 0o600 would hide files from other users.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, _os_errors(_file_uri(dest), writing=True):  # a full disk, say
             fill(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name: a crash leaves no empty "done" file
         with _os_errors(_file_uri(dest), writing=True):
             if not if_absent:
                 os.replace(tmp, dest)

@@ -365,9 +365,11 @@ def _shape(mask: np.ndarray) -> str | None:
 
 def analyze(image: np.ndarray | Image.Image) -> list[DetectedObject]:
     """The coloured objects in an (H, W, 3) uint8 RGB image (or a PIL image), largest first."""
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, float)
-    if rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise UserError(f"image has shape {rgb.shape}; analyze takes (H, W, 3) RGB")
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        # A float image in [0, 1] would be far from every palette colour: no objects, every prompt failed.
+        raise UserError(f"image is {array.dtype} of shape {array.shape}; analyze takes (H, W, 3) uint8 RGB")
+    rgb = array.astype(float)
     h, w, _ = rgb.shape
     labels = _labels(rgb)
     ids = _components(labels)
