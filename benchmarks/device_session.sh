@@ -5,8 +5,8 @@
 #   bash benchmarks/device_session.sh train eval picard backbones tokens    # ~9 min on one H100/H200
 #   bash benchmarks/device_session.sh generate serve picard_sd              # ~6 min
 #
-# On the device machine, prefix `source .device/setup.sh && export PYTHONPATH=platform:$PYTHONPATH &&`
-# (see README "GPU runs"). SMOKE=1 runs every stage with tiny sizes on the CPU, to check the script.
+# On a GPU machine without the project installed, put `platform` on PYTHONPATH first
+# (`export PYTHONPATH=platform:$PYTHONPATH`; README "GPU benchmarks in one go"). SMOKE=1 runs every stage with tiny sizes on the CPU, to check the script.
 # TRAIN_MIN (default 5) is the training stage's constant-lr budget in minutes, COOL_MIN (default 2)
 # the lr cooldown's after it; PYTHON (default python3).
 set -uo pipefail

@@ -77,7 +77,7 @@ def row(name: str, r: dict, base: float, evals: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="default: the bundled model (a tiny random one until bundled)")
+    p.add_argument("--model", default=None, help="default: the bundled default model (shapes-gaussian)")
     p.add_argument("--prompts-count", type=int, default=192)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)

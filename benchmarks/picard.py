@@ -9,7 +9,7 @@ do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat
 (`socarrat.parallel`) and times one round's model call (a full window) in-process and through each
 group: with K=1 the difference is the pure scatter/gather overhead.
 
-    python benchmarks/picard.py --model runs/gaussian-32/step-00012000 --device cpu --threads 1
+    python benchmarks/picard.py --model shapes-gaussian --device cpu --threads 1
     python benchmarks/picard.py --device cuda --window 64          # the H100 run
 
 `paradigms` below is the reference algorithm of Shih et al. 2023 (arXiv 2305.16317) as diffusers'

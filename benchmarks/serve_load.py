@@ -172,7 +172,7 @@ def measure_levels(url: str, gen: Generator, spec: SamplerSpec, batch: int, conc
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="default: the bundled model (a tiny random one until bundled)")
+    p.add_argument("--model", default=None, help="default: the bundled default model (shapes-gaussian)")
     p.add_argument("--steps", type=int, help="DDIM steps (GPU 50, CPU 10)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--duration-s", type=float, help="per concurrency level (GPU 20, CPU 8)")
