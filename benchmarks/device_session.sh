@@ -3,7 +3,7 @@
 # time limit, every result (logs, JSON, the trained checkpoint without its optimiser state) under $OUT.
 #
 #   bash benchmarks/device_session.sh train eval picard backbones tokens    # ~9 min on one H100/H200
-#   bash benchmarks/device_session.sh generate serve picard_sd              # ~6 min
+#   bash benchmarks/device_session.sh generate serve picard_sd placement    # ~9 min
 #
 # On a GPU machine without the project installed, put `platform` on PYTHONPATH first
 # (`export PYTHONPATH=platform:$PYTHONPATH`; README "GPU benchmarks in one go"). SMOKE=1 runs every stage with tiny sizes on the CPU, to check the script.
@@ -18,7 +18,7 @@ PY=${PYTHON:-python3}
 TRAIN_MIN=${TRAIN_MIN:-5}
 TRAINED=runs/gpu-gaussian$( [ "$SMOKE" = 1 ] && echo -smoke )  # a smoke run never seeds a real one
 [ $# -gt 0 ] || set -- train eval picard backbones tokens
-STAGES=" train eval picard backbones tokens generate serve picard_sd "
+STAGES=" train eval placement picard backbones tokens generate serve picard_sd "
 for what in "$@"; do  # every name checked before any work: a typo must not cost a session's last stage
   [[ "$STAGES" == *" $what "* ]] || { echo "unknown stage $what ($STAGES)"; exit 2; }
 done
@@ -70,6 +70,11 @@ print(t['step'], max(1, int(t['images_per_s'] * $COOL_MIN * 60 / t['config']['ba
       --prompts "$(small 10 300)" --seeds "$(small 1 2)" --out "$OUT/eval-trained"
     stage backbones_eval 400 "$PY" -m benchmarks.backbones --sizes "$(small 32 64)" --repeats 3 --eval \
       --eval-prompts "$(small 10 300)" --eval-seeds "$(small 1 2)" --out "$OUT/backbones_eval.json" ;;
+  placement)  # is placement learnt: the trained model (else the bundled one), and the architecture
+    # trained from scratch on one-object placement captions only
+    stage placement 420 "$PY" -m benchmarks.placement --model "$(newest | grep . || echo shapes-gaussian)" \
+      --train-steps "$(small 2 3000)" --batch-size "$(small 4 256)" --examples "$(small 100 20000)" \
+      --seeds "$(small 2 24)" --steps "$(small 2 30)" --out "$OUT/placement.json" ;;
   picard)
     stage picard 420 "$PY" -m benchmarks.picard --steps-list "$(small ddpm:20,ddim:10 ddpm:1000,ddim:200,ddim:50)" \
       --window "$(small 8 64)" --out "$OUT/picard.json" ;;

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from socarrat.datasets.shapes import (
-    BACKGROUND, CATEGORIES, COLOURS, SHAPES, PromptSpec, analyze, dataset, evaluation_prompts, is_heldout,
+    ABSOLUTE, BACKGROUND, CATEGORIES, COLOURS, SHAPES, PromptSpec, analyze, dataset, evaluation_prompts, is_heldout,
     parse_caption, render, sample_example, score, score_many,
 )
 from socarrat.errors import UserError
@@ -138,3 +138,13 @@ def test_analyze_takes_uint8_rgb_only():
     for bad in (image / 255.0, image[..., :2]):  # a float image would find nothing and fail every prompt
         with pytest.raises(UserError, match="analyze takes \\(H, W, 3\\) uint8 RGB"):
             analyze(bad)
+
+
+def test_placement_benchmark_trains_on_one_object_placement_captions_only():
+    from benchmarks.placement import placement_examples
+
+    images, captions = placement_examples(20, 32, seed=0)
+    assert images.shape == (20, 3, 32, 32) and -1 <= images.min() < images.max() <= 1
+    specs = [parse_caption(c) for c in captions]
+    assert all(s.relation in ABSOLUTE and len(s.objects) == 1 and not s.count for s in specs)
+    assert len({s.relation for s in specs}) > 2  # every placement word, not one
