@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = Generator.load(args.model, device=args.device)
-    if describe_checkpoint(args.model).format != "socarrat" or gen.spec.family != "gaussian":
+    info = describe_checkpoint(args.model)  # checked before the weights are loaded
+    if info.format != "socarrat" or info.spec.family != "gaussian":
         print("placement: --model must be a Socarrat Gaussian-family checkpoint", file=sys.stderr)
         return 2
+    gen = Generator.load(args.model, device=args.device)
     rows = [{"model": args.model, "train_steps": None, "train_s": None, **probe(gen, args.seeds, args.steps)}]
     if args.train_steps:
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ import torch
 from benchmarks.picard import timed
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import evaluation_prompts
-from socarrat.generator import Generator
+from socarrat.generator import Generator, picard_totals
 from socarrat.models import parameter_count
 
 
@@ -82,10 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             spec = base.model_copy(update={"picard": True, "window": window})
             wall_s, results = timed_generate(token, prompts, spec, args.repeats)
             same = sum(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(results, reference))
-            stats = [r.metadata["picard"] for r in results]  # each image's; the batch's rounds are the slowest's
-            parallel.append({"temperature": temperature, "window": window, "rounds": max(s["rounds"] for s in stats),
-                             "wall_s": wall_s, "evaluations": sum(s["evaluations"] for s in stats),
-                             "speedup": sequential_s / wall_s, "identical": same})
+            stats = picard_totals(results)
+            parallel.append({"temperature": temperature, "window": window, "rounds": stats["rounds"], "wall_s": wall_s,
+                             "evaluations": stats["evaluations"], "speedup": sequential_s / wall_s, "identical": same})
 
     print(f"\nToken vs Gaussian family, batch {len(prompts)}, on {args.device}")
     print("| model | sampler | params M | wall s | images/s | evals/image | sequential model calls | images/call |")

@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from socarrat import storage
 from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, SamplerSpec
 from socarrat.errors import UserError
-from socarrat.generator import DEFAULT_STEPS, OWN_SAMPLER, Edit, Generator, Result, read_image
+from socarrat.generator import DEFAULT_STEPS, OWN_SAMPLER, Edit, Generator, Result, picard_totals, read_image
 from socarrat.parallel import PicardGroup, WorkerLostError
 
 # The ingress only awaits the model deployment, so it admits far more requests than a model
@@ -323,14 +323,6 @@ class GenerationMetadata(BaseModel):
     negative_prompt_truncated: bool
 
 
-def _picard_stats(results: list[Result]) -> dict[str, int] | None:
-    """A request's Picard stats from its images': the rounds of the slowest, the evaluations of all."""
-    stats = [r.metadata["picard"] for r in results if "picard" in r.metadata]
-    if not stats:
-        return None
-    return {"rounds": max(s["rounds"] for s in stats), "evaluations": sum(s["evaluations"] for s in stats)}
-
-
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -490,7 +482,7 @@ class ImageModel:
                 model=self.card.id, model_digest=self.card.digest, mode=job.mode,
                 spec=SamplerSpec.model_validate(mine[0].metadata["spec"]),
                 timings={**mine[0].metadata["timings"], "queue_s": started - job.arrived_s},
-                picard=_picard_stats(mine), prompt_truncated=mine[0].metadata["prompt_truncated"],
+                picard=picard_totals(mine), prompt_truncated=mine[0].metadata["prompt_truncated"],
                 negative_prompt_truncated=mine[0].metadata["negative_prompt_truncated"])))
         return answers
 

@@ -59,6 +59,15 @@ class Result:
         return buf.getvalue()
 
 
+def picard_totals(results: Sequence[Result]) -> dict[str, int] | None:
+    """Picard stats of several images sampled together (a request, a batch): the rounds of the
+    slowest, the evaluations of all; None if none was sampled with Picard."""
+    stats = [r.metadata["picard"] for r in results if "picard" in r.metadata]
+    if not stats:
+        return None
+    return {"rounds": max(s["rounds"] for s in stats), "evaluations": sum(s["evaluations"] for s in stats)}
+
+
 def read_image(data: bytes, what: str) -> Image.Image:
     """Decode an image file's bytes (any format PIL reads); UserError naming `what` if it cannot."""
     try:
