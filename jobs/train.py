@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(flag, action="store_true", help=field.description)
         else:
             kind = next((a for a in get_args(field.annotation) if a is not type(None)), field.annotation)  # X | None -> X
-            p.add_argument(flag, type=kind, default=field.default, help=field.description)
+            if get_origin(kind) is Literal:
+                p.add_argument(flag, choices=get_args(kind), default=field.default, help=field.description)
+            else:
+                p.add_argument(flag, type=kind, default=field.default, help=field.description)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = in this process")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (default: CPU workers)")
     args = p.parse_args(argv)

@@ -23,7 +23,8 @@ from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
 from socarrat.models import build_model, parameter_count
-from socarrat.training import GaussianObjective, TrainConfig, load_examples, lr_at, train
+from socarrat.training import (GaussianObjective, TrainConfig, default_weighting, load_examples, loss_weights,
+                                lr_at, train)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +167,7 @@ def test_weights_without_their_train_state_are_not_resumed(shards, tmp_path, tin
     (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
     (["--family", "token", "--steps", "2000"], "the token family trains its VQ for the first vq_steps (2000)"),
     (["--out", "FILE/run"], "FILE/run"),  # under a file: no checkpoint could ever be written
+    (["--model-spec", '{"prediction": "eps"}', "--loss-weighting", "capped-v"], "capped-v needs v-prediction"),
 ])
 def test_train_job_refuses_bad_flags_and_an_unwritable_out_before_any_work(shards, tmp_path, capsys, flags, message):
     from jobs.train import main
@@ -176,6 +178,16 @@ def test_train_job_refuses_bad_flags_and_an_unwritable_out_before_any_work(shard
     err = capsys.readouterr().err.strip()
     assert message.replace("FILE", str(tmp_path / "FILE")) in err and "\n" not in err
     assert not list(tmp_path.glob("out/step-*"))
+
+
+def test_loss_weights_keep_the_high_noise_steps_where_layout_is_decided():
+    snr = torch.tensor([1e-4, 0.5, 3.0, 100.0])
+    capped, min_snr = (loss_weights(snr, 5.0, w, "v") for w in ("capped-v", "min-snr"))
+    assert capped.tolist() == pytest.approx([1.0, 1.0, 1.0, 5 / 101])  # the plain v-loss, capped at low noise
+    assert min_snr.tolist() == pytest.approx([1e-4 / (1 + 1e-4), 1 / 3, 0.75, 5 / 101])  # ~0 at high noise
+    assert loss_weights(snr, 5.0, "min-snr", "eps").tolist() == pytest.approx([1.0, 1.0, 1.0, 0.05])
+    assert TrainConfig(shards="s", out="o").loss_weighting is None
+    assert default_weighting("v") == "capped-v" and default_weighting("eps") == "min-snr"
 
 
 def test_lr_warms_up_holds_and_cools_down_to_zero(shards, tmp_path):

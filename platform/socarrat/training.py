@@ -13,7 +13,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -53,7 +53,12 @@ class TrainConfig(BaseModel):
                                 "ends on an annealed model")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     uncond_prob: float = Field(0.1, ge=0, le=1, description="caption dropped (for CFG)")
-    min_snr_gamma: float = Field(5.0, gt=0, description="Min-SNR loss weighting (Hang et al. 2023)")
+    min_snr_gamma: float = Field(5.0, gt=0, description="the cap gamma of the loss weights (see loss_weighting)")
+    loss_weighting: Literal["min-snr", "capped-v"] | None = Field(
+        None, description="the weight of each noise level's x0 error: min-snr = min(SNR, gamma) (Hang et al. 2023), "
+        "near 0 on the high-noise steps where the layout is decided, so placement words are not learnt; capped-v = "
+        "min(SNR + 1, gamma), the plain v-loss with only the low-noise steps capped (v-prediction only). "
+        "Default: capped-v for v-prediction, min-snr for eps")
     vq_steps: int = Field(2000, ge=0, description="token family: the first steps train the VQ tokenizer, "
                           "the rest the denoiser on its frozen tokens")
     checkpoint_every: int = Field(500, ge=1)
@@ -73,6 +78,9 @@ class TrainConfig(BaseModel):
     def _one_start(self) -> "TrainConfig":
         if self.init and self.init_text:
             raise ValueError("give init or init_text, not both (init already holds a text encoder)")
+        if self.loss_weighting == "capped-v" and self.model.prediction != "v":
+            raise ValueError("loss_weighting capped-v needs v-prediction (on eps its weights grow without bound "
+                             "as SNR -> 0): use min-snr")
         if self.model.family == "token" and self.vq_steps >= self.steps:
             raise ValueError(f"the token family trains its VQ for the first vq_steps ({self.vq_steps}) of the "
                              f"{self.steps} steps, so its denoiser would never train: give more steps than "
@@ -80,12 +88,27 @@ class TrainConfig(BaseModel):
         return self
 
 
-class GaussianObjective(nn.Module):
-    """Denoising loss: noise images at a uniform random timestep, predict eps or v, Min-SNR weights."""
+def default_weighting(prediction: str) -> str:
+    """The loss weighting a model of this prediction trains with unless told otherwise."""
+    return "capped-v" if prediction == "v" else "min-snr"
 
-    def __init__(self, model: GaussianModel, uncond_prob: float, min_snr_gamma: float):
+
+def loss_weights(snr: torch.Tensor, gamma: float, weighting: str, prediction: str) -> torch.Tensor:
+    """The weights of the squared output errors at these SNRs: an x0 error weighs min(SNR, gamma)
+    (`min-snr`) or min(SNR + 1, gamma) (`capped-v`), and an output error is the x0 error times
+    SNR + 1 for v, times SNR for eps."""
+    x0_weight = (snr + 1 if weighting == "capped-v" else snr).clamp(max=gamma)
+    return x0_weight / (snr + 1 if prediction == "v" else snr)
+
+
+class GaussianObjective(nn.Module):
+    """Denoising loss: noise images at a uniform random timestep, predict eps or v; each noise level's
+    x0 error weighs min(SNR, gamma) (`min-snr`) or min(SNR + 1, gamma) (`capped-v`)."""
+
+    def __init__(self, model: GaussianModel, uncond_prob: float, min_snr_gamma: float, weighting: str | None = None):
         super().__init__()
         self.model, self.uncond_prob, self.gamma = model, uncond_prob, min_snr_gamma
+        self.weighting = weighting or default_weighting(model.spec.prediction)
         spec = model.spec
         self.register_buffer("alpha_bar", alphas_cumprod(spec.schedule, spec.train_timesteps).float(), persistent=False)
 
@@ -98,11 +121,9 @@ class GaussianObjective(nn.Module):
         eps = torch.randn_like(x0)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         out = self.model(xt, t, self.model.encode(captions))
-        snr = a / (1 - a)
-        if self.model.spec.prediction == "v":
-            target, weight = a.sqrt() * eps - (1 - a).sqrt() * x0, snr.clamp(max=self.gamma) / (snr + 1)
-        else:
-            target, weight = eps, snr.clamp(max=self.gamma) / snr
+        v = self.model.spec.prediction == "v"
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if v else eps
+        weight = loss_weights(a / (1 - a), self.gamma, self.weighting, self.model.spec.prediction)
         return (weight * (out.float() - target) ** 2).mean()
 
 
@@ -147,7 +168,7 @@ def objective_for(stage: str, cfg: TrainConfig, model: nn.Module, ema: nn.Module
     """The loss module of `stage`. Entering "denoiser" freezes the VQ and copies it into the EMA
     model: the denoiser learns the tokens of exactly the VQ weights that are saved with it."""
     if stage == "gaussian":
-        return GaussianObjective(model, cfg.uncond_prob, cfg.min_snr_gamma)
+        return GaussianObjective(model, cfg.uncond_prob, cfg.min_snr_gamma, cfg.loss_weighting)
     if stage == "vq":
         return VQObjective(model)
     model.vq.requires_grad_(False).eval()
