@@ -71,9 +71,9 @@ print(t['step'], max(1, int(t['images_per_s'] * $COOL_MIN * 60 / t['config']['ba
     stage backbones_eval 400 "$PY" -m benchmarks.backbones --sizes "$(small 32 64)" --repeats 3 --eval \
       --eval-prompts "$(small 10 300)" --eval-seeds "$(small 1 2)" --out "$OUT/backbones_eval.json" ;;
   placement)  # is placement learnt: the trained model (else the bundled one), and the architecture
-    # trained from scratch on one-object placement captions only
+    # trained from scratch on one-object placement captions only, with each loss weighting
     stage placement 420 "$PY" -m benchmarks.placement --model "$(newest | grep . || echo shapes-gaussian)" \
-      --train-steps "$(small 2 3000)" --batch-size "$(small 4 256)" --examples "$(small 100 20000)" \
+      --train-steps "$(small 2 2000)" --batch-size "$(small 4 256)" --examples "$(small 100 20000)" \
       --seeds "$(small 2 24)" --steps "$(small 2 30)" --out "$OUT/placement.json" ;;
   picard)
     stage picard 420 "$PY" -m benchmarks.picard --steps-list "$(small ddpm:20,ddim:10 ddpm:1000,ddim:200,ddim:50)" \

@@ -8,23 +8,28 @@ in opposite halves), and the share of seeds that moved the right way by more tha
 control that the prompt is read at all: the share of "a {red, blue, green} square at the top" images
 whose object has the asked colour, and is a square.
 
-`--train-steps N` first trains the probed model's architecture from scratch, for N steps, on
-one-object captions with a placement only ("a small red circle on the left"; the dataset's own
-sampler, filtered), the easiest form of the skill, and probes that model beside the given one. The
-figures (shifts, shares) do not depend on the device; the training's time does.
+`--train-steps N` also trains the first model's architecture from scratch, for N steps, on one-object
+captions with a placement only ("a small red circle on the left"; the dataset's own sampler,
+filtered), the easiest form of the skill, once per `--loss-weighting` (by default both: Min-SNR, the
+baseline, and capped-v), and probes those models beside the given ones; `--fine-tune` starts them
+from the first model's weights instead. The figures (shifts, shares) do not depend on the device;
+the training's time does.
 
-    python -m benchmarks.placement --model shapes-gaussian                   # probe a checkpoint
-    python -m benchmarks.placement --train-steps 600 --threads 2             # CPU: ~12 min
-    python -m benchmarks.placement --train-steps 5000 --device cuda          # GPU
+    python -m benchmarks.placement --model shapes-gaussian runs/x/step-00003000   # probe checkpoints
+    python -m benchmarks.placement --train-steps 1000 --threads 2                  # CPU: ~40 min
+    python -m benchmarks.placement --train-steps 1000 --fine-tune --threads 2      # from the model's weights
+    python -m benchmarks.placement --train-steps 5000 --device cuda                # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -35,7 +40,7 @@ from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import ABSOLUTE, analyze, render, sample_example
 from socarrat.generator import Generator
 from socarrat.models import build_model
-from socarrat.training import GaussianObjective
+from socarrat.training import GaussianObjective, TrainConfig
 
 OPPOSITES = {"y": ("at the top", "at the bottom"), "x": ("on the left", "on the right")}
 COLOURS = ("red", "blue", "green")
@@ -54,13 +59,16 @@ def placement_examples(count: int, size_px: int, seed: int) -> tuple[torch.Tenso
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
 
 
-def train_from_scratch(gen: Generator, steps: int, batch_size: int, examples: int, seed: int) -> Generator:
-    """A model of `gen`'s architecture, randomly initialised and trained on placement captions only
-    (the training job's objective and optimiser settings, constant lr)."""
+def train_on_placement(gen: Generator, steps: int, batch_size: int, examples: int, seed: int, weighting: str,
+                       fine_tune: bool = False) -> Generator:
+    """A model of `gen`'s architecture, randomly initialised (or a copy of `gen`'s, `fine_tune`) and
+    trained on placement captions only (the training job's objective with this loss weighting, its
+    optimiser settings, constant lr)."""
     torch.manual_seed(seed)
-    model = build_model(gen.spec).to(gen.device)
+    model = copy.deepcopy(gen.model).float().train().requires_grad_(True) if fine_tune else build_model(gen.spec)
+    model = model.to(gen.device)
     images, captions = placement_examples(max(examples, batch_size), gen.spec.size_px, seed)
-    objective = GaussianObjective(model, uncond_prob=0.1, min_snr_gamma=5.0).to(gen.device)
+    objective = GaussianObjective(model, uncond_prob=0.1, min_snr_gamma=5.0, weighting=weighting).to(gen.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
     rng = np.random.default_rng(seed)
     for _ in (bar := tqdm(range(steps), desc="training")):
@@ -72,7 +80,8 @@ def train_from_scratch(gen: Generator, steps: int, batch_size: int, examples: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    return Generator(model, "0" * 64, f"from scratch, {steps} steps", gen.device)
+    start = f"{gen.name} fine-tuned" if fine_tune else "from scratch"
+    return Generator(model.eval(), "0" * 64, f"{start}, {steps} steps, {weighting}", gen.device)
 
 
 def probe(gen: Generator, seeds: int, steps: int) -> dict:
@@ -100,8 +109,13 @@ def probe(gen: Generator, seeds: int, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="shapes-gaussian", help="checkpoint to probe (and whose architecture --train-steps trains)")
-    p.add_argument("--train-steps", type=int, default=0, help="also train the architecture from scratch on placement captions")
+    p.add_argument("--model", nargs="+", default=["shapes-gaussian"],
+                   help="checkpoints to probe (the first one's architecture is what --train-steps trains)")
+    p.add_argument("--train-steps", type=int, default=0, help="also train the architecture on placement captions")
+    weightings = get_args(get_args(TrainConfig.model_fields["loss_weighting"].annotation)[0])
+    p.add_argument("--fine-tune", action="store_true", help="--train-steps starts from the first model's weights, not from scratch")
+    p.add_argument("--loss-weighting", nargs="+", choices=weightings, default=list(weightings),
+                   help="the loss weightings --train-steps trains with, one model each")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--examples", type=int, default=8000, help="placement renders --train-steps draws its batches from")
     p.add_argument("--seeds", type=int, default=24)
@@ -112,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = describe_checkpoint(args.model)  # checked before the weights are loaded
-    if info.format != "socarrat" or info.spec.family != "gaussian":
-        print("placement: --model must be a Socarrat Gaussian-family checkpoint", file=sys.stderr)
-        return 2
-    gen = Generator.load(args.model, device=args.device)
-    rows = [{"model": args.model, "train_steps": None, "train_s": None, **probe(gen, args.seeds, args.steps)}]
-    if args.train_steps:
+    for model in args.model:  # all checked before any weights are loaded
+        info = describe_checkpoint(model)
+        if info.format != "socarrat" or info.spec.family != "gaussian":
+            print(f"placement: {model} is not a Socarrat Gaussian-family checkpoint", file=sys.stderr)
+            return 2
+    gens = [Generator.load(model, device=args.device) for model in args.model]
+    rows = [{"model": model, "train_steps": None, "train_s": None, **probe(gen, args.seeds, args.steps)}
+            for model, gen in zip(args.model, gens)]
+    for weighting in args.loss_weighting if args.train_steps else ():
         t0 = time.perf_counter()
-        fresh = train_from_scratch(gen, args.train_steps, args.batch_size, args.examples, seed=0)
+        fresh = train_on_placement(gens[0], args.train_steps, args.batch_size, args.examples, 0, weighting, args.fine_tune)
         train_s = time.perf_counter() - t0
         rows.append({"model": fresh.name, "train_steps": args.train_steps, "train_s": train_s,
                      **probe(fresh, args.seeds, args.steps)})

@@ -148,3 +148,25 @@ def test_placement_benchmark_trains_on_one_object_placement_captions_only():
     specs = [parse_caption(c) for c in captions]
     assert all(s.relation in ABSOLUTE and len(s.objects) == 1 and not s.count for s in specs)
     assert len({s.relation for s in specs}) > 2  # every placement word, not one
+
+
+def test_placement_benchmark_fine_tunes_a_copy_with_each_weighting_side_by_side(tiny_checkpoint, tmp_path):
+    import json
+
+    import torch
+
+    from benchmarks.placement import main, train_on_placement
+    from socarrat.generator import Generator
+
+    out = tmp_path / "placement.json"
+    assert main(["--model", tiny_checkpoint, "--train-steps", "2", "--fine-tune", "--batch-size", "2", "--examples", "4",
+                 "--seeds", "1", "--steps", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == [tiny_checkpoint, *(f"{tiny_checkpoint} fine-tuned, 2 steps, {w}"
+                                                              for w in ("min-snr", "capped-v"))]
+    gen = Generator.load(tiny_checkpoint, device="cpu")
+    before = {k: v.clone() for k, v in gen.model.state_dict().items()}
+    tuned = train_on_placement(gen, 2, 2, 4, seed=0, weighting="capped-v", fine_tune=True).model.state_dict()
+    assert all(torch.equal(v, gen.model.state_dict()[k]) for k, v in before.items())  # the probed model is untouched
+    drift = max((tuned[k].float() - v.float()).abs().max().item() for k, v in before.items())
+    assert 0 < drift < 0.05  # it started from those weights and moved
