@@ -40,7 +40,7 @@ from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import ABSOLUTE, analyze, render, sample_example
 from socarrat.generator import Generator
 from socarrat.models import build_model
-from socarrat.training import GaussianObjective, TrainConfig
+from socarrat.training import GaussianObjective, LossWeighting
 
 OPPOSITES = {"y": ("at the top", "at the bottom"), "x": ("on the left", "on the right")}
 COLOURS = ("red", "blue", "green")
@@ -59,7 +59,7 @@ def placement_examples(count: int, size_px: int, seed: int) -> tuple[torch.Tenso
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
 
 
-def train_on_placement(gen: Generator, steps: int, batch_size: int, examples: int, seed: int, weighting: str,
+def train_on_placement(gen: Generator, steps: int, batch_size: int, examples: int, seed: int, weighting: LossWeighting,
                        fine_tune: bool = False) -> Generator:
     """A model of `gen`'s architecture, randomly initialised (or a copy of `gen`'s, `fine_tune`) and
     trained on placement captions only (the training job's objective with this loss weighting, its
@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", nargs="+", default=["shapes-gaussian"],
                    help="checkpoints to probe (the first one's architecture is what --train-steps trains)")
     p.add_argument("--train-steps", type=int, default=0, help="also train the architecture on placement captions")
-    weightings = get_args(get_args(TrainConfig.model_fields["loss_weighting"].annotation)[0])
     p.add_argument("--fine-tune", action="store_true", help="--train-steps starts from the first model's weights, not from scratch")
-    p.add_argument("--loss-weighting", nargs="+", choices=weightings, default=list(weightings),
+    p.add_argument("--loss-weighting", nargs="+", choices=get_args(LossWeighting), default=list(get_args(LossWeighting)),
                    help="the loss weightings --train-steps trains with, one model each")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--examples", type=int, default=8000, help="placement renders --train-steps draws its batches from")

@@ -34,6 +34,7 @@ from socarrat.sampling.schedules import alphas_cumprod
 from socarrat.shards import list_shards, read_shard
 
 STATE = "train_state.pt"
+LossWeighting = Literal["min-snr", "capped-v"]
 
 
 class TrainConfig(BaseModel):
@@ -54,7 +55,7 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     uncond_prob: float = Field(0.1, ge=0, le=1, description="caption dropped (for CFG)")
     min_snr_gamma: float = Field(5.0, gt=0, description="the cap gamma of the loss weights (see loss_weighting)")
-    loss_weighting: Literal["min-snr", "capped-v"] | None = Field(
+    loss_weighting: LossWeighting | None = Field(
         None, description="the weight of each noise level's x0 error: min-snr = min(SNR, gamma) (Hang et al. 2023), "
         "near 0 on the high-noise steps where the layout is decided, so placement words are not learnt; capped-v = "
         "min(SNR + 1, gamma), the plain v-loss with only the low-noise steps capped (v-prediction only). "
@@ -88,12 +89,12 @@ class TrainConfig(BaseModel):
         return self
 
 
-def default_weighting(prediction: str) -> str:
+def default_weighting(prediction: str) -> LossWeighting:
     """The loss weighting a model of this prediction trains with unless told otherwise."""
     return "capped-v" if prediction == "v" else "min-snr"
 
 
-def loss_weights(snr: torch.Tensor, gamma: float, weighting: str, prediction: str) -> torch.Tensor:
+def loss_weights(snr: torch.Tensor, gamma: float, weighting: LossWeighting, prediction: str) -> torch.Tensor:
     """The weights of the squared output errors at these SNRs: an x0 error weighs min(SNR, gamma)
     (`min-snr`) or min(SNR + 1, gamma) (`capped-v`), and an output error is the x0 error times
     SNR + 1 for v, times SNR for eps."""
@@ -105,7 +106,8 @@ class GaussianObjective(nn.Module):
     """Denoising loss: noise images at a uniform random timestep, predict eps or v; each noise level's
     x0 error weighs min(SNR, gamma) (`min-snr`) or min(SNR + 1, gamma) (`capped-v`)."""
 
-    def __init__(self, model: GaussianModel, uncond_prob: float, min_snr_gamma: float, weighting: str | None = None):
+    def __init__(self, model: GaussianModel, uncond_prob: float, min_snr_gamma: float,
+                 weighting: LossWeighting | None = None):
         super().__init__()
         self.model, self.uncond_prob, self.gamma = model, uncond_prob, min_snr_gamma
         self.weighting = weighting or default_weighting(model.spec.prediction)
