@@ -23,7 +23,7 @@ from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
 from socarrat.models import build_model, parameter_count
-from socarrat.training import (GaussianObjective, TrainConfig, default_weighting, load_examples, loss_weights,
+from socarrat.training import (GaussianObjective, TrainConfig, default_weighting, latest_checkpoint, load_examples, loss_weights,
                                 lr_at, train)
 
 
@@ -91,6 +91,14 @@ def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
     with pytest.raises(UserError, match="spec differs"):
         run(other, num_workers=2)  # checked by the driver, before Ray starts any worker
     assert not ray.is_initialized()
+
+
+def test_a_diverged_run_stops_before_its_nan_weights_reach_a_checkpoint(shards, tmp_path):
+    out = str(tmp_path / "run")
+    train(config(shards, out, steps=20, checkpoint_every=10))
+    with pytest.raises(UserError, match=r"diverged: the loss was nan over steps 21-25; the newest checkpoint, .*step-00000020, is from before"):
+        train(config(shards, out, steps=40, checkpoint_every=5, log_every=5, lr=1e30))
+    assert latest_checkpoint(out)[0] == 20
 
 
 def test_max_minutes_stops_with_a_checkpoint_and_the_same_command_goes_on(shards, tmp_path):

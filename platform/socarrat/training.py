@@ -188,7 +188,7 @@ class Examples:
 
     def batch(self, rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
         idx = rng.integers(0, len(self.captions), size)
-        x = self.images[torch.from_numpy(idx)].to(device).float() / 127.5 - 1
+        x = self.images[torch.from_numpy(idx).to(self.images.device)].to(device).float() / 127.5 - 1
         return x, [self.captions[i] for i in idx]
 
 
@@ -327,12 +327,14 @@ def train(
             (m if cfg.init else m.text).load_state_dict(weights)
     _same_on_every_rank(start, device)
     data = load_examples(cfg.shards, cfg.model.size_px)
+    data.images = data.images.to(device)  # tens to hundreds of MB: no host gather or copy per step
     # Batches (numpy) and noise, timesteps, caption dropout (torch) differ per rank and per resume.
     rng = np.random.default_rng([cfg.seed, rank, start])
     torch.manual_seed(int(rng.integers(2**63)))
     result = TrainResult(start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=rank != 0)
     t0, seen, logged = time.perf_counter(), 0, 0  # logged: the losses already in a log line
+    pending: list[torch.Tensor] = []  # this step's and earlier losses not yet read back from the device
     stage = None
     for step in bar:
         now, now_start = stage_at(cfg, step)
@@ -351,15 +353,22 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         decay = min(cfg.ema_decay, (1 + step - stage_start) / (10 + step - stage_start))  # short memory early in a stage
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
-        result.losses.append(loss.item())
+        with torch.no_grad():  # one fused launch per dtype, not one per tensor: small models are launch-bound
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        pending.append(loss.detach())  # read at log steps: a .item() per step would stall the GPU queue
         seen += cfg.batch_size * world_size
         result.step = step + 1
         if result.step % cfg.log_every == 0 or result.step == cfg.steps:
+            result.losses += torch.stack(pending).float().tolist()
+            pending.clear()
             result.images_per_s = seen / (time.perf_counter() - t0)
-            recent, logged = float(np.mean(result.losses[logged:])), len(result.losses)
+            recent, first = float(np.mean(result.losses[logged:])), logged + start + 1
+            logged = len(result.losses)
+            if not np.isfinite(recent):  # the weights are gone too: stop before they reach a checkpoint
+                last = latest_checkpoint(cfg.out)
+                where = f"the newest checkpoint, {last[1]}, is from before" if last else "no checkpoint was written"
+                raise UserError(f"training diverged: the loss was {recent} over steps {first}-{result.step}; {where}. "
+                                "Run again with a lower --lr (it resumes from that checkpoint)")
             bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{result.images_per_s:.0f}")
             report({"step": result.step, "loss": recent, "images_per_s": result.images_per_s})
         out_of_time = (cfg.max_minutes is not None and result.step % cfg.log_every == 0
