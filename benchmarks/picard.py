@@ -4,8 +4,9 @@ For each solver/step count (default DDPM-1000, DDIM-200, DDIM-50) it samples one
 (or `--batch N` of the shapes evaluation prompts) with the same model, noise and execution mode
 three ways and reports wall time, sequential rounds (model calls one after another), model
 evaluations, agreement with the sequential images (RMS and max pixel difference in uint8 levels)
-and the shapes judge's score (% of images doing what their prompt asks). Rounds and evaluations
-do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat Picard over groups of K Ray actors
+and the shapes judge's score (% of images doing what their prompt asks). Rounds, evaluations and
+`ops/rd` (tensor operations a round runs outside the model call: on a GPU, each at most one kernel
+launch, which for small models costs more than the arithmetic) do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat Picard over groups of K Ray actors
 (`socarrat.parallel`) and times one round's model call (a full window) in-process and through each
 group: with K=1 the difference is the pure scatter/gather overhead.
 
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import evaluation_prompts, score
@@ -82,6 +84,24 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tensor_ops(fn) -> int:
+    """How many tensor operations `fn` dispatches (aten ops): on a GPU each is at most one kernel
+    launch, and for small models the launches, not the arithmetic, set the time of a round."""
+    with _CountOps() as counter:
+        fn()
+    return counter.count
+
+
 def median_ms(fn, repeats: int = 7) -> float:
     return 1000 * sorted(timed(fn)[1] for _ in range(repeats))[repeats // 2]
 
@@ -112,12 +132,25 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
                 "rms_uint8": diff.pow(2).mean().sqrt().item(), "max_uint8": int(diff.abs().max()),
                 "score_pct": 100 * sum(score(img, p).passed for img, p in zip(images, prompts)) / len(prompts)}
 
-    seq, seq_s = timed(lambda: sample(denoise, x, schedule, step, noises, cond))
-    rows = [row("sequential", seq, PicardStats(steps, steps * len(x)), seq_s)]
+    xs, ts, index = model_call(args.window * len(x))
+    one_call = take_rows(cond, index)
+    model_ops = tensor_ops(lambda: denoise(xs, ts, one_call))
 
-    def add(method, run):
-        (out, stats), wall = timed(run)
+    def warm(run):
+        """Run the method once untimed, counting its tensor operations, then time it: on a GPU a
+        first call at each new batch size pays a one-time kernel selection, so the time is the
+        method's, not the order of the rows'."""
+        ops = tensor_ops(run)
+        return timed(run), ops
+
+    (seq, seq_s), ops = warm(lambda: sample(denoise, x, schedule, step, noises, cond))
+    rows = [row("sequential", seq, PicardStats(steps, steps * len(x)), seq_s)]
+    rows[-1]["host_ops_per_round"] = (ops - steps * model_ops) / steps
+
+    def add(method, run, ops_per_call=model_ops):  # 0 for actor groups: their model runs elsewhere
+        ((out, stats), wall), ops = warm(run)
         rows.append(row(method, out, stats, wall))
+        rows[-1]["host_ops_per_round"] = (ops - stats.rounds * ops_per_call) / stats.rounds
 
     add(f"socarrat picard tol={args.tolerance:g}",
         lambda: sample_picard(denoise, x, schedule, step, noises, cond, args.window, args.tolerance))
@@ -126,12 +159,11 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
         add(f"paradigms tol={tol:g}", lambda: paradigms(denoise, x, schedule, step, noises, cond, args.window, tol))
     # One round's model call on a full window, in-process and through each group: the difference is
     # the scatter/gather overhead a round pays (K=1: transfer only; K>1 also splits the work).
-    xs, ts, index = model_call(args.window * len(x))
     local["round_ms"] = median_ms(lambda: denoise(xs, ts, take_rows(cond, index)))
     for k, group in groups.items():
         with group.conditioned(cond, args.guidance) as (remote, remote_cond):
             add(f"socarrat picard on {k} ray actor(s)",
-                lambda: sample_picard(remote, x, schedule, step, noises, remote_cond, args.window, args.tolerance))
+                lambda: sample_picard(remote, x, schedule, step, noises, remote_cond, args.window, args.tolerance), 0)
             rows[-1]["round_ms"] = median_ms(lambda: remote(xs, ts, remote_cond[index]))
     for r in rows:
         r.update(config=f"{sampler.upper()}-{steps}", window=args.window, speedup=seq_s / r["wall_s"])
@@ -153,14 +185,14 @@ def start_groups(gen: Generator, args) -> dict:
 
 
 HEADER = (f"{'config':10} {'method':34} {'wall s':>8} {'speedup':>7} {'rounds':>6} {'evals':>6} "
-          f"{'RMS u8':>7} {'max u8':>6} {'score':>6}")
+          f"{'ops/rd':>6} {'RMS u8':>7} {'max u8':>6} {'score':>6}")
 
 
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         extra = f"  (one round's model call: {r['round_ms']:.0f} ms)" if "round_ms" in r else ""
         print(f"{r['config']:10} {r['method']:34} {r['wall_s']:8.2f} {r['speedup']:6.2f}x {r['rounds']:6d} "
-              f"{r['evaluations']:6d} {r['rms_uint8']:7.2f} {r['max_uint8']:6d} {r['score_pct']:5.0f}%{extra}", flush=True)
+              f"{r['evaluations']:6d} {r['host_ops_per_round']:6.0f} {r['rms_uint8']:7.2f} {r['max_uint8']:6d} {r['score_pct']:5.0f}%{extra}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

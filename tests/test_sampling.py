@@ -75,3 +75,38 @@ def test_unknown_sampler_is_a_user_error():
 
     with pytest.raises(UserError, match="sampler"):
         make_step("euler", Schedule.create("linear", 1000, "trailing", 3), "eps")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_a_step_over_many_rows_each_at_its_own_step_is_bitwise_the_steps_one_by_one(sampler, prediction, clip_sample):
+    # Picard steps a window of states in one call: its converged answer is the sequential one only if
+    # a row's result does not depend on how it was called.
+    schedule = Schedule.create("cosine", 1000, "trailing", 9)
+    step = make_step(sampler, schedule, prediction, clip_sample)
+    steps = torch.tensor([0, 3, 3, 8, 5])
+    x, out, noise = (torch.randn(len(steps), *SHAPE) for _ in range(3))
+    rows = step(x, out, steps, noise)
+    one_by_one = torch.cat([step(x[r:r + 1], out[r:r + 1], int(i), noise[r:r + 1]) for r, i in enumerate(steps)])
+    assert torch.equal(rows, one_by_one)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_steps_guess_is_its_chain_when_the_model_knows_the_clean_image(sampler, prediction):
+    # Picard starts new window states from step.guess: the chain with the x0 the model implies held
+    # fixed, in closed form. With a denoiser that knows x0 it is the chain itself, noise included.
+    x0 = torch.rand(2, *SHAPE) * 2 - 1
+    schedule = Schedule.create("cosine", 1000, "trailing", 20)
+    step, denoise = make_step(sampler, schedule, prediction, clip_sample=False), oracle(x0, "cosine", prediction)
+    x, noises = draw_noise([4, 5], SHAPE, 20, sampler == "ddpm")
+    t = schedule.timesteps
+    for i in range(5):
+        x = step(x, denoise(x, t[i].repeat(2), None), i, None if noises is None else noises[i])
+    guess = step.guess(x, denoise(x, t[5].repeat(2), None), 5, 15, None if noises is None else noises[5:15])
+    chain = []
+    for i in range(5, 15):
+        x = step(x, denoise(x, t[i].repeat(2), None), i, None if noises is None else noises[i])
+        chain.append(x)
+    torch.testing.assert_close(guess, torch.stack(chain), atol=1e-5, rtol=0)

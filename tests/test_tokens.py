@@ -146,3 +146,14 @@ def test_blend_interpolates_between_prompts(token_generator):
     assert np.array_equal(pixels(blended[0]), pixels(ends[0]))
     with pytest.raises(UserError, match="one prompt and one weight"):
         token_generator.generate(["a"], [1], blend=Blend(["b", "c"], [0.5]))
+
+
+def test_a_token_step_over_rows_at_their_own_steps_is_the_steps_one_by_one():
+    schedule = TokenSchedule.create(1000, 6)
+    step = make_token_step(schedule, (1.0, 0.3))
+    steps = torch.tensor([0, 2, 5, 5])
+    x = torch.randint(0, 16, (len(steps), 4, 4))
+    logits, noise = torch.randn(len(steps), 16, 4, 4), torch.rand(len(steps), 3, 4, 4)
+    rows = step(x, logits, steps, noise)
+    one_by_one = torch.cat([step(x[r:r + 1], logits[r:r + 1], int(i), noise[r:r + 1]) for r, i in enumerate(steps)])
+    assert torch.equal(rows, one_by_one)

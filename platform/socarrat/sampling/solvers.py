@@ -3,7 +3,13 @@
 The sequential loop (`socarrat.sampling.sample`) and the Picard sampler call the same step
 functions, so the converged Picard answer is the sequential one. A step is built for a schedule and
 a parameterisation by `make_step`. Pure torch; no models, no I/O.
-Shapes: x, model_output, noise_i (B, C, H, W) float; i an int step index.
+Shapes: x, model_output, noise_i (B, C, H, W) float; i an int step index, or a (B,) long tensor
+giving each row its own step (Picard steps a whole window of states in one call). Both forms do the
+same float arithmetic: a row's result does not depend on which form computed it.
+
+A step may also carry `step.guess(x, out, i, stop, noises)`: states i+1..stop ((stop - i, B, ...))
+after x at step i if the model kept predicting what `out` says at x, with the steps' own noises
+((stop - i, B, ...) or None). Picard starts the states entering its window from it.
 """
 
 from __future__ import annotations
@@ -15,15 +21,22 @@ import torch
 from socarrat.errors import UserError
 from socarrat.sampling.schedules import Schedule
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
+StepFn = Callable[[torch.Tensor, torch.Tensor, "int | torch.Tensor", "torch.Tensor | None"], torch.Tensor]
+Coef = Callable[["int | torch.Tensor", torch.Tensor], "float | torch.Tensor"]
 
 
-def predict_x0_eps(x: torch.Tensor, out: torch.Tensor, alpha_bar: float, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) implied by the model output at signal level alpha_bar (eps- or v-prediction)."""
-    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
-    if prediction == "eps":
-        return (x - s * out) / a, out
-    return a * x - s * out, s * x + a * out  # v = a * eps - s * x0 (Salimans & Ho 2022)
+def per_step(values: list[float]) -> Coef:
+    """A table of per-step coefficients, computed in float64, read as a step needs them: at an int
+    step the Python float, at a (B,) tensor of steps a (B, 1, ...) tensor in the dtype of `like`.
+    Either way the float64 value is rounded once to that dtype, so both give the same arithmetic."""
+    table = torch.tensor(values, dtype=torch.float64)
+
+    def at(i: int | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+        if isinstance(i, int):
+            return values[i]
+        return table[i.cpu()].to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+    return at
 
 
 def make_step(
@@ -38,31 +51,63 @@ def make_step(
     the posterior q(x_next | x, x0) (Ho et al. 2020, eq. 7) with its own noise_i, so a run is
     reproducible from the noise drawn up front.
     """
-    alpha_bar, alpha_bar_next = schedule.alpha_bar.tolist(), schedule.alpha_bar_next.tolist()
+    pairs = list(zip(schedule.alpha_bar.tolist(), schedule.alpha_bar_next.tolist()))
+    sqrt_a, sqrt_1a = per_step([a**0.5 for a, _ in pairs]), per_step([(1 - a) ** 0.5 for a, _ in pairs])
+    sqrt_an, sqrt_1an = per_step([n**0.5 for _, n in pairs]), per_step([(1 - n) ** 0.5 for _, n in pairs])
+    # DDPM's posterior mean c_x0 * x0 + c_x * x and deviation, with the spaced step's beta = 1 - a / n
+    c_x0 = per_step([n**0.5 * (1 - a / n) / (1 - a) for a, n in pairs])
+    c_x_values = [(a / n) ** 0.5 * (1 - n) / (1 - a) for a, n in pairs]
+    c_x = per_step(c_x_values)
+    sigma = per_step([ddpm_sigma(a, n) for a, n in pairs])
 
     def x0_eps(x, out, i):
-        x0, eps = predict_x0_eps(x, out, alpha_bar[i], prediction)
+        a, s = sqrt_a(i, x), sqrt_1a(i, x)
+        if prediction == "eps":
+            x0, eps = (x - s * out) / a, out
+        else:  # v = a * eps - s * x0 (Salimans & Ho 2022)
+            x0, eps = a * x - s * out, s * x + a * out
         if clip_sample:
             x0 = x0.clamp(-1, 1)
-            eps = (x - alpha_bar[i] ** 0.5 * x0) / (1 - alpha_bar[i]) ** 0.5
+            eps = (x - a * x0) / s
         return x0, eps
 
     def ddim(x, out, i, noise_i=None):
         x0, eps = x0_eps(x, out, i)
-        return alpha_bar_next[i] ** 0.5 * x0 + (1 - alpha_bar_next[i]) ** 0.5 * eps
+        return sqrt_an(i, x) * x0 + sqrt_1an(i, x) * eps
 
     def ddpm(x, out, i, noise_i):
         x0, _ = x0_eps(x, out, i)
-        a, a_next = alpha_bar[i], alpha_bar_next[i]
-        beta = 1 - a / a_next  # the spaced step's beta
-        mean = (a_next**0.5 * beta * x0 + (a / a_next) ** 0.5 * (1 - a_next) * x) / (1 - a)
-        return mean + ddpm_sigma(a, a_next) * noise_i
+        return c_x0(i, x) * x0 + c_x(i, x) * x + sigma(i, x) * noise_i
 
-    if sampler == "ddim":
-        return ddim
-    if sampler == "ddpm":
-        return ddpm
-    raise UserError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    # Picard's initial guess of states i+1..stop (`guess`, below): the chain from x with the x0 (and
+    # eps) that `out` implies at x held fixed, in closed form, a handful of launches for any length.
+    def ddim_guess(x, out, i, stop, noises=None):
+        x0, eps = x0_eps(x, out, i)
+        later, like = torch.arange(i, stop), x0[None]
+        return sqrt_an(later, like) * x0 + sqrt_1an(later, like) * eps  # a DDIM jump to each level
+
+    def ddpm_guess(x, out, i, stop, noises):
+        x0, _ = x0_eps(x, out, i)
+        later, like = torch.arange(i, stop), x0[None]
+        # x[k+1] = c_x[k] x[k] + drive[k], with drive[k] = c_x0[k] x0 + sigma[k] noise[k], unrolled:
+        # x[k+1] = sum over m of W[k, m] * ([x] + drive)[m], W a table of products of c_x.
+        drive = torch.cat([x[None], c_x0(later, like) * x0 + sigma(later, like) * noises])
+        w = chain_weights(torch.tensor(c_x_values[i:stop], dtype=torch.float64)).to(x.device, x.dtype)
+        return torch.einsum("km,m...->k...", w, drive)
+
+    steps = {"ddim": (ddim, ddim_guess), "ddpm": (ddpm, ddpm_guess)}
+    if sampler not in steps:
+        raise UserError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    step, guess = steps[sampler]
+    step.guess = guess
+    return step
+
+
+def chain_weights(c: torch.Tensor) -> torch.Tensor:
+    """For x[k+1] = c[k] x[k] + d[k] (k = 0..K-1): W (K, K+1) with x[k+1] = W[k, 0] x[0] + sum over
+    m of W[k, m+1] d[m], i.e. W[k, j] = prod of c[j..k] (1 for j = k + 1, 0 beyond)."""
+    k, j = torch.arange(len(c))[:, None], torch.arange(len(c) + 1)[None]
+    return torch.where(k >= j, c[:, None], torch.ones_like(c[:, None])).cumprod(0) * (j <= k + 1)
 
 
 def ddpm_sigma(alpha_bar: float, alpha_bar_next: float) -> float:

@@ -29,6 +29,7 @@ import torch
 
 from socarrat.errors import UserError
 from socarrat.sampling import Denoise, StepFn
+from socarrat.sampling.solvers import per_step
 
 
 def noise_fraction(t: torch.Tensor, train_timesteps: int) -> torch.Tensor:
@@ -83,9 +84,9 @@ def uniform_to_token(u: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return (u * codebook_size).long().clamp(max=codebook_size - 1)
 
 
-def renoise(tokens: torch.Tensor, fraction: float, noise_i: torch.Tensor, codebook_size: int) -> torch.Tensor:
+def renoise(tokens: torch.Tensor, fraction: float | torch.Tensor, noise_i: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Paella's re-noising with a step's draws noise_i (B, 3, h, w): each token of (B, h, w) becomes
-    its starting token where the step's re-noise uniform is below `fraction`."""
+    its starting token where the step's re-noise uniform is below `fraction` (a float, or (B, 1, 1))."""
     return torch.where(noise_i[:, 1] < fraction, uniform_to_token(noise_i[:, 2], codebook_size), tokens)
 
 
@@ -96,14 +97,14 @@ def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float], s
     start > 0: `schedule` is the tail of a `start + len(schedule)`-step one (structural editing),
     whose temperatures the steps keep."""
     n = start + len(schedule)
-    temperatures = torch.linspace(temperature[0], temperature[1], n).tolist()[start:] if n > 1 else [temperature[0]]
-    fractions = schedule.renoise.tolist()
+    temperatures = per_step(torch.linspace(temperature[0], temperature[1], n).tolist()[start:] if n > 1 else [temperature[0]])
+    fractions = per_step(schedule.renoise.tolist())
 
-    def step(x: torch.Tensor, logits: torch.Tensor, i: int, noise_i: torch.Tensor) -> torch.Tensor:
-        k = logits.shape[1]
-        cdf = (logits.double() / temperatures[i]).softmax(1).cumsum(1).permute(0, 2, 3, 1).contiguous()
+    def step(x: torch.Tensor, logits: torch.Tensor, i: int | torch.Tensor, noise_i: torch.Tensor) -> torch.Tensor:
+        k, logits = logits.shape[1], logits.double()
+        cdf = (logits / temperatures(i, logits)).softmax(1).cumsum(1).permute(0, 2, 3, 1).contiguous()
         picked = torch.searchsorted(cdf, noise_i[:, :1].permute(0, 2, 3, 1).contiguous(), right=True)[..., 0].clamp(max=k - 1)
-        return renoise(picked, fractions[i], noise_i, k)
+        return renoise(picked, fractions(i, noise_i[:, 1]), noise_i, k)
 
     return step
 
