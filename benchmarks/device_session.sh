@@ -22,6 +22,7 @@ PY=${PYTHON:-python3}
 TRAIN_MIN=${TRAIN_MIN:-5}
 TRAIN_FAMILIES=${TRAIN_FAMILIES:-gaussian hdit token}
 DEADLINE_S=${DEADLINE_S:-0}
+[[ "$DEADLINE_S" =~ ^[0-9]+$ ]] || { echo "DEADLINE_S must be whole seconds, got $DEADLINE_S"; exit 2; }
 RUNS=runs/gpu$( [ "$SMOKE" = 1 ] && echo -smoke )  # a smoke run never seeds a real one
 [ $# -gt 0 ] || set -- train eval picard backbones tokens
 STAGES=" train eval placement picard backbones tokens generate serve picard_sd "
@@ -34,6 +35,7 @@ done
 
 small() { [ "$SMOKE" = 1 ] && echo "$1" || echo "$2"; }  # small() CPU-smoke GPU
 COOL_MIN=${COOL_MIN:-$(small 0.05 2)}
+COOL_RESERVE_S=$(awk "BEGIN { print int($COOL_MIN * 60 + 60) }")  # the cooldown and its start-up
 
 stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log to $OUT/NAME.log, go on if it fails
   local name=$1 limit=$2; shift 2
@@ -52,6 +54,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log to $O
 
 newest() { ls -d "$1"/step-* 2>/dev/null | tail -n 1; }  # newest RUN: its newest checkpoint
 limit_s() { awk "BEGIN { print int($1 * 60 + 120) }"; }  # limit_s MINUTES: a stage's budget plus start-up
+# minutes WANTED RESERVE_S: WANTED, or less, so that RESERVE_S seconds of DEADLINE_S are left after it:
+# a run that --max-minutes stops keeps a checkpoint, one that its stage's time limit kills does not.
+minutes() {
+  [ "$DEADLINE_S" -gt 0 ] || { echo "$1"; return; }
+  awk "BEGIN { m = ($DEADLINE_S - $SECONDS - $2) / 60; m = m < $1 ? m : $1; print (m > 0.1 ? m : 0.1) }"
+}
 
 train_family() {  # train_family FAMILY: the bundled model's architecture from scratch, then its cooldown
   local family=$1 run=$RUNS-$1 shards=data/shapes32 extra=()
@@ -60,7 +68,7 @@ train_family() {  # train_family FAMILY: the bundled model's architecture from s
   local common=(--shards "$shards" --out "$run" --model-spec "$spec" --batch-size "$(small 8 256)" --lr 1e-3
                 --checkpoint-every 2000 --log-every 100 --num-workers 0 "${extra[@]}")
   stage "train-$family" "$(limit_s "$TRAIN_MIN")" "$PY" -m jobs.train "${common[@]}" \
-    --steps "$(small 20 200000)" --max-minutes "$TRAIN_MIN"
+    --steps "$(small 20 200000)" --max-minutes "$(minutes "$TRAIN_MIN" $((COOL_RESERVE_S + 60)))"
   local step; step=$(newest "$run"); [ -n "$step" ] || return
   # Anneal: resume the same run (optimiser and EMA state) for as many steps as its measured rate
   # fits in COOL_MIN minutes, the lr falling linearly to 0 over them (--cooldown-steps).
@@ -69,7 +77,7 @@ train_family() {  # train_family FAMILY: the bundled model's architecture from s
 print(t['step'], max(1, int(t['images_per_s'] * $COOL_MIN * 60 / t['config']['batch_size'])))" "$step/config.json")"
   stage "cool-$family" "$(limit_s "$COOL_MIN")" "$PY" -m jobs.train "${common[@]}" \
     --steps $((done_steps + cool_steps)) --cooldown-steps "$cool_steps" \
-    --max-minutes "$(awk "BEGIN { print $COOL_MIN * 1.5 }")"
+    --max-minutes "$(minutes "$(awk "BEGIN { print $COOL_MIN * 1.5 }")" 60)"
   step=$(newest "$run")  # the weights come back; train_state.pt (optimiser) stays
   mkdir -p "$OUT/gpu-$family" && cp "$step"/config.json "$step"/model.safetensors "$OUT/gpu-$family/"
 }

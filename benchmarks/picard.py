@@ -5,7 +5,7 @@ For each solver/step count (default DDPM-1000, DDIM-200, DDIM-50) it samples one
 three ways and reports wall time, sequential rounds (model calls one after another), model
 evaluations, agreement with the sequential images (RMS and max pixel difference in uint8 levels)
 and the shapes judge's score (% of images doing what their prompt asks). Rounds, evaluations and
-`ops/rd` (tensor operations a round runs outside the model call: on a GPU, each at most one kernel
+`ops/rd` (tensor operations a round runs outside the model call: on a GPU, each about one kernel
 launch, which for small models costs more than the arithmetic) do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat Picard over groups of K Ray actors
 (`socarrat.parallel`) and times one round's model call (a full window) in-process and through each
 group: with K=1 the difference is the pure scatter/gather overhead.
@@ -95,7 +95,7 @@ class _CountOps(TorchDispatchMode):
 
 
 def tensor_ops(fn) -> int:
-    """How many tensor operations `fn` dispatches (aten ops): on a GPU each is at most one kernel
+    """How many tensor operations `fn` dispatches (aten ops): on a GPU each is about one kernel
     launch, and for small models the launches, not the arithmetic, set the time of a round."""
     with _CountOps() as counter:
         fn()
@@ -132,9 +132,12 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
                 "rms_uint8": diff.pow(2).mean().sqrt().item(), "max_uint8": int(diff.abs().max()),
                 "score_pct": 100 * sum(score(img, p).passed for img, p in zip(images, prompts)) / len(prompts)}
 
-    xs, ts, index = model_call(args.window * len(x))
-    one_call = take_rows(cond, index)
-    model_ops = tensor_ops(lambda: denoise(xs, ts, one_call))
+    def ops_of_a_call(size: int) -> int:  # the model's own operations, at the batch size a method uses
+        xs, ts, index = model_call(size)
+        rows = take_rows(cond, index)
+        return tensor_ops(lambda: denoise(xs, ts, rows))
+
+    model_ops = ops_of_a_call(args.window * len(x))
 
     def warm(run):
         """Run the method once untimed, counting its tensor operations, then time it: on a GPU a
@@ -145,7 +148,7 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
 
     (seq, seq_s), ops = warm(lambda: sample(denoise, x, schedule, step, noises, cond))
     rows = [row("sequential", seq, PicardStats(steps, steps * len(x)), seq_s)]
-    rows[-1]["host_ops_per_round"] = (ops - steps * model_ops) / steps
+    rows[-1]["host_ops_per_round"] = (ops - steps * ops_of_a_call(len(x))) / steps
 
     def add(method, run, ops_per_call=model_ops):  # 0 for actor groups: their model runs elsewhere
         ((out, stats), wall), ops = warm(run)
@@ -159,6 +162,7 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
         add(f"paradigms tol={tol:g}", lambda: paradigms(denoise, x, schedule, step, noises, cond, args.window, tol))
     # One round's model call on a full window, in-process and through each group: the difference is
     # the scatter/gather overhead a round pays (K=1: transfer only; K>1 also splits the work).
+    xs, ts, index = model_call(args.window * len(x))
     local["round_ms"] = median_ms(lambda: denoise(xs, ts, take_rows(cond, index)))
     for k, group in groups.items():
         with group.conditioned(cond, args.guidance) as (remote, remote_cond):

@@ -80,13 +80,15 @@ def test_unknown_sampler_is_a_user_error():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("clip_sample", [True, False])
-def test_a_step_over_many_rows_each_at_its_own_step_is_bitwise_the_steps_one_by_one(sampler, prediction, clip_sample):
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])  # bf16: a model under autocast
+def test_a_step_over_many_rows_each_at_its_own_step_is_bitwise_the_steps_one_by_one(sampler, prediction, clip_sample, out_dtype):
     # Picard steps a window of states in one call: its converged answer is the sequential one only if
     # a row's result does not depend on how it was called.
     schedule = Schedule.create("cosine", 1000, "trailing", 9)
     step = make_step(sampler, schedule, prediction, clip_sample)
     steps = torch.tensor([0, 3, 3, 8, 5])
     x, out, noise = (torch.randn(len(steps), *SHAPE) for _ in range(3))
+    out = out.to(out_dtype)
     rows = step(x, out, steps, noise)
     one_by_one = torch.cat([step(x[r:r + 1], out[r:r + 1], int(i), noise[r:r + 1]) for r, i in enumerate(steps)])
     assert torch.equal(rows, one_by_one)

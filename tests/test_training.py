@@ -4,6 +4,7 @@ import copy
 import io
 import json
 import os
+import re
 import tarfile
 import time
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from safetensors.torch import load_file
 
 from conftest import TINY_SPEC
 from jobs.evaluate import evaluate, write_report
@@ -96,9 +98,18 @@ def test_resume_continues_from_the_newest_checkpoint(shards, tmp_path):
 def test_a_diverged_run_stops_before_its_nan_weights_reach_a_checkpoint(shards, tmp_path):
     out = str(tmp_path / "run")
     train(config(shards, out, steps=20, checkpoint_every=10))
-    with pytest.raises(UserError, match=r"diverged: the loss was nan over steps 21-25; the newest checkpoint, .*step-00000020, is from before"):
-        train(config(shards, out, steps=40, checkpoint_every=5, log_every=5, lr=1e30))
-    assert latest_checkpoint(out)[0] == 20
+    # Checkpoints every 3 steps, log lines every 10: a check only at log lines would let NaN weights
+    # into the checkpoints of steps 24 and 27.
+    with pytest.raises(UserError, match=r"diverged: a loss, gradient or weight was not finite in steps 2\d-(\d+); "
+                       r"the newest checkpoint, .*step-000000\d\d, is from before") as err:
+        train(config(shards, out, steps=40, checkpoint_every=3, log_every=10, lr=1e30))
+    stopped = int(re.search(r"steps 2\d-(\d+)", str(err.value)).group(1))
+    newest, uri = latest_checkpoint(out)
+    assert newest < stopped and uri in str(err.value)
+    for step in range(20, newest + 1):
+        if storage.open_store(out).exists(f"step-{step:08d}/model.safetensors"):
+            weights = load_file(f"{out}/step-{step:08d}/model.safetensors")
+            assert all(w.isfinite().all() for w in weights.values()), step
 
 
 def test_max_minutes_stops_with_a_checkpoint_and_the_same_command_goes_on(shards, tmp_path):

@@ -188,7 +188,8 @@ class Examples:
 
     def batch(self, rng: np.random.Generator, size: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
         idx = rng.integers(0, len(self.captions), size)
-        x = self.images[torch.from_numpy(idx).to(self.images.device)].to(device).float() / 127.5 - 1
+        # non_blocking: a blocking host-to-device copy waits for the GPU queue to drain, every step
+        x = self.images[torch.from_numpy(idx).to(self.images.device, non_blocking=True)].to(device).float() / 127.5 - 1
         return x, [self.captions[i] for i in idx]
 
 
@@ -350,30 +351,39 @@ def train(
             loss = objective(x0, captions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         decay = min(cfg.ema_decay, (1 + step - stage_start) / (10 + step - stage_start))  # short memory early in a stage
         with torch.no_grad():  # one fused launch per dtype, not one per tensor: small models are launch-bound
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        pending.append(loss.detach())  # read at log steps: a .item() per step would stall the GPU queue
+        # Read back at log and checkpoint steps only: a .item() per step would stall the GPU queue.
+        pending.append(torch.stack([loss.detach().float(), grad_norm.float()]))
         seen += cfg.batch_size * world_size
         result.step = step + 1
-        if result.step % cfg.log_every == 0 or result.step == cfg.steps:
-            result.losses += torch.stack(pending).float().tolist()
-            pending.clear()
-            result.images_per_s = seen / (time.perf_counter() - t0)
-            recent, first = float(np.mean(result.losses[logged:])), logged + start + 1
-            logged = len(result.losses)
-            if not np.isfinite(recent):  # the weights are gone too: stop before they reach a checkpoint
-                last = latest_checkpoint(cfg.out)
-                where = f"the newest checkpoint, {last[1]}, is from before" if last else "no checkpoint was written"
-                raise UserError(f"training diverged: the loss was {recent} over steps {first}-{result.step}; {where}. "
-                                "Run again with a lower --lr (it resumes from that checkpoint)")
-            bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{result.images_per_s:.0f}")
-            report({"step": result.step, "loss": recent, "images_per_s": result.images_per_s})
+        logging = result.step % cfg.log_every == 0 or result.step == cfg.steps
         out_of_time = (cfg.max_minutes is not None and result.step % cfg.log_every == 0
                        and _on_any_rank(time.perf_counter() - began > 60 * cfg.max_minutes, device))
-        if rank == 0 and (result.step % cfg.checkpoint_every == 0 or result.step == cfg.steps or out_of_time):
+        checkpointing = result.step % cfg.checkpoint_every == 0 or result.step == cfg.steps or out_of_time
+        if logging or checkpointing:
+            checked = len(result.losses)
+            read = torch.stack(pending).tolist()
+            pending.clear()
+            result.losses += [value for value, _ in read]
+            # A non-finite loss, gradient or (where a checkpoint is due) weight: stop before a checkpoint
+            # takes the weights. The last update can break them after its loss and gradient were fine.
+            finite = np.isfinite(read).all() and (not checkpointing or _finite(model) and _finite(ema, torch.float16))
+            if _on_any_rank(not finite, device):
+                last = latest_checkpoint(cfg.out)
+                where = f"the newest checkpoint, {last[1]}, is from before" if last else "no checkpoint was written"
+                raise UserError(f"training diverged: a loss, gradient or weight was not finite in steps "
+                                f"{start + checked + 1}-{result.step}; {where}. Run again with a lower --lr "
+                                "(it resumes from that checkpoint)")
+        if logging:
+            result.images_per_s = seen / (time.perf_counter() - t0)
+            recent, logged = float(np.mean(result.losses[logged:])), len(result.losses)
+            bar.set_postfix(loss=f"{recent:.4f}", img_s=f"{result.images_per_s:.0f}")
+            report({"step": result.step, "loss": recent, "images_per_s": result.images_per_s})
+        if rank == 0 and checkpointing:
             result.checkpoint = save_training_checkpoint(cfg, model, ema, opt, result.step, data.corrupt, result.images_per_s)
         if out_of_time:
             break
@@ -391,6 +401,11 @@ def _same_on_every_rank(step: int, device: torch.device) -> None:
         raise UserError(f"the training workers found different checkpoints to resume (steps {-steps[1].item()} to "
                         f"{steps[0].item()}) under a local --out that only one node writes: use shared storage "
                         "(s3://) for --out when the workers are on several nodes")
+
+
+def _finite(model: nn.Module, dtype: torch.dtype | None = None) -> bool:
+    """Whether every weight is finite, in `dtype` if given (the EMA weights are saved in float16)."""
+    return bool(torch.stack([p.to(dtype or p.dtype).isfinite().all() for p in model.parameters()]).all())
 
 
 def _on_any_rank(flag: bool, device: torch.device) -> bool:

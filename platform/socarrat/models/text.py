@@ -87,7 +87,7 @@ class BuiltinTextEncoder(TextEncoder):
 
     def forward(self, prompts: Sequence[str]) -> TextEncoding:
         device = self.positional_embedding.device
-        ids = self.token_ids(prompts).to(device)
+        ids = self.token_ids(prompts).to(device, non_blocking=True)  # a blocking copy would drain the GPU queue
         # The tokens run to end-of-text: padding is id 0, but so is "!" inside a word ("car!🔥").
         eot = (ids == _bpe().eot_token_id).int().argmax(1)
         mask = torch.arange(ids.shape[1], device=device) <= eot[:, None]

@@ -25,8 +25,10 @@ faithful copy of it in `benchmarks/picard.py`:
    of y thus reaches the final image (y = x at alpha_bar = 1) undiminished, for ODE and SDE solvers
    alike, and `tolerance` bounds how far each accepted state can move the final image, in its
    units (RMS; [-1, 1] for pixels), whatever the solver, step count and spacing. Measured: at equal
-   rounds this keeps DDIM within ~1 uint8 of sequential where the reference's rule is off by 3-19,
-   and a rule that forgives early DDPM errors (the Gaussian-data gain) was off by 17-22.
+   rounds this kept DDIM within ~1 uint8 of sequential where the reference's rule is off by 3-19,
+   and a rule that forgives early DDPM errors (the Gaussian-data gain) was off by 17-22. (With the
+   sharper GPU-trained model, where a shape's edge can move by a pixel, DDIM-50/200 come within 3-10
+   RMS uint8 at the default tolerance, the reference's rule 31-35; BENCHMARKS.md.)
 2. Initial guess. States entering a window start where the window's last state would go if the
    model's x0 (and eps) prediction there held (`step.guess`: for DDIM a jump along x0 and eps to
    each later level, for DDPM the posterior chain with the steps' own noise, both in closed form)
@@ -40,8 +42,8 @@ faithful copy of it in `benchmarks/picard.py`:
    (each guess replaced by its step's output; a sum of drifts means nothing for tokens) that
    accepts a state only when it came out unchanged, and reaches the sequential tokens exactly.
 5. Host work. A round runs its window through the step function in one call (each row at its own
-   step) and the guess in closed form: 156 tensor operations a round outside the model on
-   DDPM-1000 (108 on DDIM-50), against ~1,200 (~430) for the reference loop and 1,521 (581) for the
+   step) and the guess in closed form: 154 tensor operations a round outside the model on
+   DDPM-1000 (109 on DDIM-50), against ~1,200 (~450) for the reference loop and 1,521 (581) for the
    state-by-state loop this replaced. On a GPU each is a kernel launch, and those launches cost the
    replaced loop more than the model call itself.
 Tried and dropped (ParaTAA, arXiv 2402.09970): rerunning the step chain with lagged model outputs
@@ -113,6 +115,7 @@ def sample_picard(
     if x.is_floating_point():
         y_scale = torch.cat([schedule.alpha_bar, schedule.alpha_bar_next[-1:]]).sqrt().to(x.device, x.dtype)
     timesteps, stats = schedule.timesteps.to(x.device), PicardStats()
+    guess = getattr(step, "guess", None) or partial(_extrapolate, step)  # states entering a window
     rounds, evaluations = torch.zeros_like(begin), torch.zeros_like(begin)  # per sample
     with tqdm(total=n, disable=not progress, desc="picard") as bar:
         while (begin < n).any():
@@ -128,7 +131,7 @@ def sample_picard(
                 old = traj[s:e + 1, m]  # (e - s + 1, M, C, H, W): the base and the window's guesses
                 # The whole window in one call of `step` (each row at its own step): one launch per
                 # operation, not one per state, which on a GPU costs more than the model call itself.
-                rows = torch.arange(s, e).repeat_interleave(len(m))
+                rows = torch.arange(s, e, device=x.device).repeat_interleave(len(m))
                 noise = None if noises is None else noises[s:e][:, m].flatten(0, 1)
                 stepped = step(old[:-1].flatten(0, 1), outs.flatten(0, 1), rows, noise).view_as(old[:-1])
                 if x.is_floating_point():
@@ -145,7 +148,6 @@ def sample_picard(
                 stop = min(int(begin[m].max()) + window, n)
                 if stop > e:  # guess the states the next windows add
                     later = None if noises is None else noises[e:stop][:, m]
-                    guess = getattr(step, "guess", None) or partial(_extrapolate, step)
                     traj[e + 1:stop + 1, m] = guess(new[-1], outs[-1], e, stop, later)
             rounds[(begin >= n) & (rounds == 0)] = stats.rounds
             bar.update(int(begin.min()) - bar.n)

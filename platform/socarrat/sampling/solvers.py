@@ -8,8 +8,8 @@ giving each row its own step (Picard steps a whole window of states in one call)
 same float arithmetic: a row's result does not depend on which form computed it.
 
 A step may also carry `step.guess(x, out, i, stop, noises)`: states i+1..stop ((stop - i, B, ...))
-after x at step i if the model kept predicting what `out` says at x, with the steps' own noises
-((stop - i, B, ...) or None). Picard starts the states entering its window from it.
+after x at step i if the model kept predicting the x0 (and eps) that `out` implies at x, with the
+steps' own noises ((stop - i, B, ...) or None). Picard starts the states entering its window from it.
 """
 
 from __future__ import annotations
@@ -22,21 +22,26 @@ from socarrat.errors import UserError
 from socarrat.sampling.schedules import Schedule
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, "int | torch.Tensor", "torch.Tensor | None"], torch.Tensor]
-Coef = Callable[["int | torch.Tensor", torch.Tensor], "float | torch.Tensor"]
-
-
-def per_step(values: list[float]) -> Coef:
+class PerStep:
     """A table of per-step coefficients, computed in float64, read as a step needs them: at an int
     step the Python float, at a (B,) tensor of steps a (B, 1, ...) tensor in the dtype of `like`.
-    Either way the float64 value is rounded once to that dtype, so both give the same arithmetic."""
-    table = torch.tensor(values, dtype=torch.float64)
+    Either way the float64 value is rounded once to that dtype, and steps only multiply by them (a
+    GPU divides by a scalar as by its reciprocal, by a tensor exactly), so a row gets the same
+    arithmetic from both forms. Tables are kept per device and dtype: a read copies nothing."""
 
-    def at(i: int | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
-        if isinstance(i, int):
-            return values[i]
-        return table[i.cpu()].to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
+    def __init__(self, values: list[float]):
+        self.values = values
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    return at
+    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if (device, dtype) not in self._tables:
+            self._tables[device, dtype] = torch.tensor(self.values, dtype=torch.float64).to(device, dtype)
+        return self._tables[device, dtype]
+
+    def __call__(self, i: int | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+        if not isinstance(i, torch.Tensor):
+            return self.values[i]
+        return self.table(like.device, like.dtype)[i.to(like.device)].view(-1, *[1] * (like.dim() - 1))
 
 
 def make_step(
@@ -52,23 +57,24 @@ def make_step(
     reproducible from the noise drawn up front.
     """
     pairs = list(zip(schedule.alpha_bar.tolist(), schedule.alpha_bar_next.tolist()))
-    sqrt_a, sqrt_1a = per_step([a**0.5 for a, _ in pairs]), per_step([(1 - a) ** 0.5 for a, _ in pairs])
-    sqrt_an, sqrt_1an = per_step([n**0.5 for _, n in pairs]), per_step([(1 - n) ** 0.5 for _, n in pairs])
+    sqrt_a, sqrt_1a = PerStep([a**0.5 for a, _ in pairs]), PerStep([(1 - a) ** 0.5 for a, _ in pairs])
+    inv_sqrt_a, inv_sqrt_1a = PerStep([a**-0.5 for a, _ in pairs]), PerStep([(1 - a) ** -0.5 for a, _ in pairs])
+    sqrt_an, sqrt_1an = PerStep([n**0.5 for _, n in pairs]), PerStep([(1 - n) ** 0.5 for _, n in pairs])
     # DDPM's posterior mean c_x0 * x0 + c_x * x and deviation, with the spaced step's beta = 1 - a / n
-    c_x0 = per_step([n**0.5 * (1 - a / n) / (1 - a) for a, n in pairs])
-    c_x_values = [(a / n) ** 0.5 * (1 - n) / (1 - a) for a, n in pairs]
-    c_x = per_step(c_x_values)
-    sigma = per_step([ddpm_sigma(a, n) for a, n in pairs])
+    c_x0 = PerStep([n**0.5 * (1 - a / n) / (1 - a) for a, n in pairs])
+    c_x = PerStep([(a / n) ** 0.5 * (1 - n) / (1 - a) for a, n in pairs])
+    sigma = PerStep([ddpm_sigma(a, n) for a, n in pairs])
 
     def x0_eps(x, out, i):
+        out = out.to(x.dtype)  # a bf16 model output: the same float32 arithmetic for both forms of i
         a, s = sqrt_a(i, x), sqrt_1a(i, x)
         if prediction == "eps":
-            x0, eps = (x - s * out) / a, out
+            x0, eps = (x - s * out) * inv_sqrt_a(i, x), out
         else:  # v = a * eps - s * x0 (Salimans & Ho 2022)
             x0, eps = a * x - s * out, s * x + a * out
         if clip_sample:
             x0 = x0.clamp(-1, 1)
-            eps = (x - a * x0) / s
+            eps = (x - a * x0) * inv_sqrt_1a(i, x)
         return x0, eps
 
     def ddim(x, out, i, noise_i=None):
@@ -83,16 +89,16 @@ def make_step(
     # eps) that `out` implies at x held fixed, in closed form, a handful of launches for any length.
     def ddim_guess(x, out, i, stop, noises=None):
         x0, eps = x0_eps(x, out, i)
-        later, like = torch.arange(i, stop), x0[None]
+        later, like = torch.arange(i, stop, device=x.device), x0[None]
         return sqrt_an(later, like) * x0 + sqrt_1an(later, like) * eps  # a DDIM jump to each level
 
     def ddpm_guess(x, out, i, stop, noises):
         x0, _ = x0_eps(x, out, i)
-        later, like = torch.arange(i, stop), x0[None]
+        later, like = torch.arange(i, stop, device=x.device), x0[None]
         # x[k+1] = c_x[k] x[k] + drive[k], with drive[k] = c_x0[k] x0 + sigma[k] noise[k], unrolled:
         # x[k+1] = sum over m of W[k, m] * ([x] + drive)[m], W a table of products of c_x.
         drive = torch.cat([x[None], c_x0(later, like) * x0 + sigma(later, like) * noises])
-        w = chain_weights(torch.tensor(c_x_values[i:stop], dtype=torch.float64)).to(x.device, x.dtype)
+        w = chain_weights(c_x.table(x.device, torch.float64)[i:stop]).to(x.dtype)
         return torch.einsum("km,m...->k...", w, drive)
 
     steps = {"ddim": (ddim, ddim_guess), "ddpm": (ddpm, ddpm_guess)}
@@ -106,7 +112,7 @@ def make_step(
 def chain_weights(c: torch.Tensor) -> torch.Tensor:
     """For x[k+1] = c[k] x[k] + d[k] (k = 0..K-1): W (K, K+1) with x[k+1] = W[k, 0] x[0] + sum over
     m of W[k, m+1] d[m], i.e. W[k, j] = prod of c[j..k] (1 for j = k + 1, 0 beyond)."""
-    k, j = torch.arange(len(c))[:, None], torch.arange(len(c) + 1)[None]
+    k, j = torch.arange(len(c), device=c.device)[:, None], torch.arange(len(c) + 1, device=c.device)[None]
     return torch.where(k >= j, c[:, None], torch.ones_like(c[:, None])).cumprod(0) * (j <= k + 1)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from socarrat.errors import UserError
 from socarrat.sampling import Denoise, StepFn
-from socarrat.sampling.solvers import per_step
+from socarrat.sampling.solvers import PerStep
 
 
 def noise_fraction(t: torch.Tensor, train_timesteps: int) -> torch.Tensor:
@@ -97,12 +97,13 @@ def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float], s
     start > 0: `schedule` is the tail of a `start + len(schedule)`-step one (structural editing),
     whose temperatures the steps keep."""
     n = start + len(schedule)
-    temperatures = per_step(torch.linspace(temperature[0], temperature[1], n).tolist()[start:] if n > 1 else [temperature[0]])
-    fractions = per_step(schedule.renoise.tolist())
+    temperatures = torch.linspace(temperature[0], temperature[1], n).tolist()[start:] if n > 1 else [temperature[0]]
+    inv_temperatures = PerStep([1 / t for t in temperatures])  # multiplied, never divided: see PerStep
+    fractions = PerStep(schedule.renoise.tolist())
 
     def step(x: torch.Tensor, logits: torch.Tensor, i: int | torch.Tensor, noise_i: torch.Tensor) -> torch.Tensor:
         k, logits = logits.shape[1], logits.double()
-        cdf = (logits / temperatures(i, logits)).softmax(1).cumsum(1).permute(0, 2, 3, 1).contiguous()
+        cdf = (logits * inv_temperatures(i, logits)).softmax(1).cumsum(1).permute(0, 2, 3, 1).contiguous()
         picked = torch.searchsorted(cdf, noise_i[:, :1].permute(0, 2, 3, 1).contiguous(), right=True)[..., 0].clamp(max=k - 1)
         return renoise(picked, fractions(i, noise_i[:, 1]), noise_i, k)
 
