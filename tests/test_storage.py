@@ -3,6 +3,8 @@
 import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -10,7 +12,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from socarrat.errors import NotFoundError, UserError
-from socarrat.storage import S3Store, Store, is_remote, join, open_store, read_bytes, write_bytes
+from socarrat.s3 import S3Store
+from socarrat.storage import Store, is_remote, join, open_store, read_bytes, write_bytes
 
 MIB = 1024 * 1024
 PART_SIZE_BYTES = 5 * MIB  # S3's smallest allowed part (except the last)
@@ -249,3 +252,11 @@ def test_share_url_is_presigned_on_s3_and_a_file_uri_locally(s3_bucket, tmp_path
     assert url.startswith(os.environ["AWS_ENDPOINT_URL"]) and "Signature=" in url
     assert requests.get(url).content == b"payload"
     assert local.share_url("a/b.bin", expires_s=60) == local.url("a/b.bin")
+
+
+def test_local_use_does_not_load_boto3():
+    # boto3 and botocore load with the first s3:// URI only: local runs and bare GPU machines need neither.
+    code = ("import sys, tempfile; from socarrat import cli, generator, storage; "
+            "storage.write_bytes(tempfile.mkdtemp() + '/x', b'1'); print('boto3' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
