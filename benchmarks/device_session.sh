@@ -53,6 +53,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log to $O
 }
 
 newest() { ls -d "$1"/step-* 2>/dev/null | tail -n 1; }  # newest RUN: its newest checkpoint
+gaussian_model() { newest "$RUNS-gaussian" | grep . || echo shapes-gaussian; }  # the trained one, else the bundled
 limit_s() { awk "BEGIN { print int($1 * 60 + 120) }"; }  # limit_s MINUTES: a stage's budget plus start-up
 # minutes WANTED RESERVE_S: WANTED, or less, so that RESERVE_S seconds of DEADLINE_S are left after it:
 # a run that --max-minutes stops keeps a checkpoint, one that its stage's time limit kills does not.
@@ -106,11 +107,11 @@ for what in "$@"; do
     wait ;;
   placement)  # is placement learnt: the trained model (else the bundled one), and the architecture
     # trained from scratch on one-object placement captions only, with each loss weighting
-    stage placement 420 "$PY" -m benchmarks.placement --model "$(newest "$RUNS-gaussian" | grep . || echo shapes-gaussian)" \
+    stage placement 420 "$PY" -m benchmarks.placement --model "$(gaussian_model)" \
       --train-steps "$(small 2 2000)" --batch-size "$(small 4 256)" --examples "$(small 100 20000)" \
       --seeds "$(small 2 24)" --steps "$(small 2 30)" --out "$OUT/placement.json" ;;
   picard)
-    stage picard 150 "$PY" -m benchmarks.picard --model "$(newest "$RUNS-gaussian" | grep . || echo shapes-gaussian)" --steps-list "$(small ddpm:20,ddim:10 ddpm:1000,ddim:200,ddim:50)" \
+    stage picard 150 "$PY" -m benchmarks.picard --model "$(gaussian_model)" --steps-list "$(small ddpm:20,ddim:10 ddpm:1000,ddim:200,ddim:50)" \
       --window "$(small 8 64)" --out "$OUT/picard.json" ;;
   backbones)  # random weights, 64-512 px, batch 8, bf16 (the benchmark's GPU defaults)
     stage backbones 120 "$PY" -m benchmarks.backbones $( [ "$SMOKE" = 1 ] && echo --sizes 32 --batch 2 ) \

@@ -29,6 +29,7 @@ from socarrat.errors import NotFoundError, UserError
 from socarrat.models import GaussianModel, build_model
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
+WEIGHTS_DTYPE = torch.float16  # what save_checkpoint writes by default
 DEFAULT_MODEL = "shapes-gaussian"
 
 
@@ -46,7 +47,7 @@ def bundled_models() -> dict[str, Path]:
     return {p.parent.name: p.parent for p in sorted(root.glob(f"*/{CONFIG}"))}
 
 
-def save_checkpoint(model: GaussianModel, uri: str, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> str:
+def save_checkpoint(model: GaussianModel, uri: str, dtype: torch.dtype = WEIGHTS_DTYPE, extra: dict | None = None) -> str:
     """Write `model` to a directory or s3:// prefix; returns the weights' sha256."""
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
     store = storage.open_store(uri)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.checkpoint import CONFIG, describe_checkpoint, load_checkpoint, save_checkpoint
+from socarrat.checkpoint import CONFIG, WEIGHTS_DTYPE, describe_checkpoint, load_checkpoint, save_checkpoint
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
 from socarrat.models import GaussianModel, TokenModel, build_model
@@ -371,7 +371,7 @@ def train(
             result.losses += [value for value, _ in read]
             # A non-finite loss, gradient or (where a checkpoint is due) weight: stop before a checkpoint
             # takes the weights. The last update can break them after its loss and gradient were fine.
-            finite = np.isfinite(read).all() and (not checkpointing or _finite(model) and _finite(ema, torch.float16))
+            finite = np.isfinite(read).all() and (not checkpointing or _finite(model) and _finite(ema, WEIGHTS_DTYPE))
             if _on_any_rank(not finite, device):
                 last = latest_checkpoint(cfg.out)
                 where = f"the newest checkpoint, {last[1]}, is from before" if last else "no checkpoint was written"
@@ -404,7 +404,7 @@ def _same_on_every_rank(step: int, device: torch.device) -> None:
 
 
 def _finite(model: nn.Module, dtype: torch.dtype | None = None) -> bool:
-    """Whether every weight is finite, in `dtype` if given (the EMA weights are saved in float16)."""
+    """Whether every weight is finite, in `dtype` if given (the EMA weights as the checkpoint stores them)."""
     return bool(torch.stack([p.to(dtype or p.dtype).isfinite().all() for p in model.parameters()]).all())
 
 

@@ -22,6 +22,8 @@ from socarrat.errors import UserError
 from socarrat.sampling.schedules import Schedule
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, "int | torch.Tensor", "torch.Tensor | None"], torch.Tensor]
+
+
 class PerStep:
     """A table of per-step coefficients, computed in float64, read as a step needs them: at an int
     step the Python float, at a (B,) tensor of steps a (B, 1, ...) tensor in the dtype of `like`.
