@@ -45,8 +45,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W); emb (B, emb_dim): the conditioning embedding after its SiLU."""
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         return self.skip(x) + self.conv2(F.silu(h))
 
@@ -124,7 +125,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.spec.channels[0]))
-        emb = emb + self.text_to_emb(text.pooled.to(emb.dtype))
+        emb = F.silu(emb + self.text_to_emb(text.pooled.to(emb.dtype)))  # once, not in every ResBlock
         h = self.conv_in(x)
         skips = []
         for lv, blocks in enumerate(self.down):
