@@ -2,13 +2,16 @@
 
 For each solver/step count (default DDPM-1000, DDIM-200, DDIM-50) it samples one prompt at batch 1
 (or `--batch N` of the shapes evaluation prompts) with the same model, noise and execution mode
-three ways and reports wall time, sequential rounds (model calls one after another), model
-evaluations, agreement with the sequential images (RMS and max pixel difference in uint8 levels)
-and the shapes judge's score (% of images doing what their prompt asks). Rounds, evaluations and
-`ops/rd` (tensor operations a round runs outside the model call: on a GPU, each about one kernel
-launch, which for small models costs more than the arithmetic) do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat Picard over groups of K Ray actors
-(`socarrat.parallel`) and times one round's model call (a full window) in-process and through each
-group: with K=1 the difference is the pure scatter/gather overhead.
+three ways (Socarrat Picard at each of `--tolerances`, side by side) and reports wall time,
+sequential rounds (model calls one after another; `img rd`: the mean of each image's own), model
+evaluations, agreement with the sequential images (RMS over the batch, the `worst` image's RMS and
+the max pixel difference, in uint8 levels) and the shapes judge's score (% of images doing what
+their prompt asks). Rounds, evaluations and `ops/rd` (tensor operations a round runs outside the
+model call: on a GPU, each about one kernel launch, which for small models costs more than the
+arithmetic) do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat Picard
+(at the first tolerance) over groups of K Ray actors (`socarrat.parallel`) and times one round's
+model call (a full window) in-process and through each group: with K=1 the difference is the pure
+scatter/gather overhead.
 
     python benchmarks/picard.py --model shapes-gaussian --device cpu --threads 1
     python benchmarks/picard.py --device cuda --window 64          # the H100 run
@@ -128,8 +131,11 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
     def row(method, out, stats, wall):
         diff = to_uint8(out) - to_uint8(seq)
         images = to_uint8(out).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        own_rounds = stats.sample_rounds or [stats.rounds] * len(x)  # each image's, where the method says
         return {"method": method, "wall_s": wall, "rounds": stats.rounds, "evaluations": stats.evaluations,
+                "mean_image_rounds": sum(own_rounds) / len(own_rounds),
                 "rms_uint8": diff.pow(2).mean().sqrt().item(), "max_uint8": int(diff.abs().max()),
+                "worst_image_rms_uint8": diff.flatten(1).pow(2).mean(1).sqrt().max().item(),
                 "score_pct": 100 * sum(score(img, p).passed for img, p in zip(images, prompts)) / len(prompts)}
 
     def ops_of_a_call(size: int) -> int:  # the model's own operations, at the batch size a method uses
@@ -155,9 +161,10 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
         rows.append(row(method, out, stats, wall))
         rows[-1]["host_ops_per_round"] = (ops - stats.rounds * ops_per_call) / stats.rounds
 
-    add(f"socarrat picard tol={args.tolerance:g}",
-        lambda: sample_picard(denoise, x, schedule, step, noises, cond, args.window, args.tolerance))
-    local = rows[-1]
+    tolerances = args.tolerances or [SamplerSpec().tolerance]
+    for tol in tolerances:
+        add(f"socarrat picard tol={tol:g}", lambda: sample_picard(denoise, x, schedule, step, noises, cond, args.window, tol))
+    local, tolerance = rows[-len(tolerances)], tolerances[0]
     for tol in args.ref_tolerances:
         add(f"paradigms tol={tol:g}", lambda: paradigms(denoise, x, schedule, step, noises, cond, args.window, tol))
     # One round's model call on a full window, in-process and through each group: the difference is
@@ -167,7 +174,7 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
     for k, group in groups.items():
         with group.conditioned(cond, args.guidance) as (remote, remote_cond):
             add(f"socarrat picard on {k} ray actor(s)",
-                lambda: sample_picard(remote, x, schedule, step, noises, remote_cond, args.window, args.tolerance), 0)
+                lambda: sample_picard(remote, x, schedule, step, noises, remote_cond, args.window, tolerance), 0)
             rows[-1]["round_ms"] = median_ms(lambda: remote(xs, ts, remote_cond[index]))
     for r in rows:
         r.update(config=f"{sampler.upper()}-{steps}", window=args.window, speedup=seq_s / r["wall_s"])
@@ -188,15 +195,16 @@ def start_groups(gen: Generator, args) -> dict:
     return {k: PicardGroup(model, k, num_gpus_per_actor=1 / k if gpu else 0) for k in args.actors}
 
 
-HEADER = (f"{'config':10} {'method':34} {'wall s':>8} {'speedup':>7} {'rounds':>6} {'evals':>6} "
-          f"{'ops/rd':>6} {'RMS u8':>7} {'max u8':>6} {'score':>6}")
+HEADER = (f"{'config':10} {'method':34} {'wall s':>8} {'speedup':>7} {'rounds':>6} {'img rd':>6} {'evals':>6} "
+          f"{'ops/rd':>6} {'RMS u8':>7} {'worst':>6} {'max u8':>6} {'score':>6}")
 
 
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         extra = f"  (one round's model call: {r['round_ms']:.0f} ms)" if "round_ms" in r else ""
         print(f"{r['config']:10} {r['method']:34} {r['wall_s']:8.2f} {r['speedup']:6.2f}x {r['rounds']:6d} "
-              f"{r['evaluations']:6d} {r['host_ops_per_round']:6.0f} {r['rms_uint8']:7.2f} {r['max_uint8']:6d} {r['score_pct']:5.0f}%{extra}", flush=True)
+              f"{r['mean_image_rounds']:6.1f} {r['evaluations']:6d} {r['host_ops_per_round']:6.0f} {r['rms_uint8']:7.2f} "
+              f"{r['worst_image_rms_uint8']:6.2f} {r['max_uint8']:6d} {r['score_pct']:5.0f}%{extra}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--steps-list", default="ddpm:1000,ddim:200,ddim:50", help="sampler:steps,...")
     p.add_argument("--window", type=int, default=32)
-    p.add_argument("--tolerance", type=float, default=SamplerSpec().tolerance, help="Socarrat Picard's tolerance")
+    p.add_argument("--tolerances", default="", help="Socarrat Picard's tolerances, comma-separated, each run "
+                   "side by side (default: SamplerSpec's)")
     p.add_argument("--ref-tolerances", default="0.1,0.05", help="ParaDiGMS tolerances (0.1: diffusers' default)")
     p.add_argument("--spacing", default="trailing")
     p.add_argument("--guidance", type=float, default=3.0)
@@ -217,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/picard.json")
     args = p.parse_args(argv)
     args.ref_tolerances = [float(t) for t in args.ref_tolerances.split(",") if t]
+    args.tolerances = [float(t) for t in args.tolerances.split(",") if t]
     args.actors = [int(k) for k in args.actors.split(",") if k]
     if args.threads:
         torch.set_num_threads(args.threads)

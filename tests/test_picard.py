@@ -75,6 +75,20 @@ def test_default_tolerance_is_close_in_fewer_rounds(tiny_model, sampler, steps):
 
 
 @torch.inference_mode()
+def test_a_ddim_step_divides_the_tolerance_by_its_error_gain(tiny_model):
+    # DDIM keeps every error of an accepted state, so it accepts a tenth of DDPM's change.
+    denoise, x, schedule, step, noises, cond = setup(tiny_model, "ddim", 30, seeds=(5,))
+    assert (step.error_gain, make_step("ddpm", schedule, "v").error_gain) == (10.0, 1.0)
+    picard, stats = sample_picard(denoise, x, schedule, step, noises, cond, window=16, tolerance=2e-2)
+    plain = lambda *a: step(*a)  # the same step and guess without an error gain, at a tenth of the tolerance
+    plain.guess = step.guess
+    plain_picard, plain_stats = sample_picard(denoise, x, schedule, plain, noises, cond, window=16, tolerance=2e-3)
+    assert torch.equal(picard, plain_picard) and stats.windows == plain_stats.windows
+    loose, loose_stats = sample_picard(denoise, x, schedule, plain, noises, cond, window=16, tolerance=2e-2)
+    assert loose_stats.evaluations < stats.evaluations  # the gain made a difference here
+
+
+@torch.inference_mode()
 def test_a_sample_in_a_batch_equals_the_sample_alone(tiny_model):
     # Each sample slides its own window, so neither its result nor its stopping depends on the batch.
     batch, stats = sample_picard(*setup(tiny_model, "ddpm", 40, seeds=(1, 2, 3)), window=8, tolerance=3e-3)

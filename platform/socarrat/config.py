@@ -174,7 +174,8 @@ class SamplerSpec(_Spec):
     picard: bool = Field(False, description="Picard (ParaDiGMS) parallel sampling: many steps per model call")
     window: int = Field(32, ge=1, description="Picard: steps evaluated together per round and sample")
     tolerance: float = Field(2e-3, ge=0, description="Picard: accepted RMS change of a state scaled to the final "
-                             "image, x / sqrt(alpha_bar), in data units ([-1, 1] pixels); 0 = the sequential result")
+                             "image, x / sqrt(alpha_bar), in data units ([-1, 1] pixels); DDIM, whose steps keep "
+                             "every error, accepts a tenth of it; 0 = the sequential result")
     temperature: tuple[float, float] = Field((1.0, 0.5), description="paella: sampling temperature at the "
                                              "first and the last step, linear in between")
     renoise_steps: int | None = Field(None, ge=0, description="paella: steps followed by re-noising; None: all but the last")

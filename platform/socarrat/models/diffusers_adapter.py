@@ -143,7 +143,8 @@ class DiffusersModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """Latents x (B, 4, h, w), t (B,) long timesteps in [0, train_timesteps) -> the UNet's eps or v,
         in the UNet's dtype. The latents may stay float32 around a half-precision UNet: Picard's
-        tolerance (2e-3 after dividing by sqrt(alpha_bar) ~ 0.07) is below fp16's resolution of them."""
+        tolerance (2e-3, 2e-4 for DDIM, after dividing by sqrt(alpha_bar) ~ 0.07) is below fp16's
+        resolution of them."""
         dtype = self.unet.dtype
         return self.unet(x.to(dtype), t, encoder_hidden_states=text.tokens.to(dtype), return_dict=False)[0]
 
