@@ -155,6 +155,9 @@ def test_init_starts_a_new_run_from_a_whole_checkpoint(shards, tmp_path):
     assert all(torch.allclose(weights[k].float(), saved[k].float(), atol=1e-3) for k in saved)
     info = json.loads(storage.read_bytes(storage.join(result.checkpoint, "config.json")))["training"]
     assert info["config"]["init"] == donor  # the card says where it started
+    resumed = train(config(shards, str(tmp_path / "more"), steps=2, lr=1e-9))  # ... and so after a resume
+    info = json.loads(storage.read_bytes(storage.join(resumed.checkpoint, "config.json")))["training"]
+    assert resumed.step == 2 and info["config"]["init"] == donor
     other = TINY_SPEC.model_copy(update={"prediction": "eps"})
     with pytest.raises(UserError, match="model spec is not this run's .prediction: v there, eps here"):
         run(config(shards, str(tmp_path / "other"), model=other, init=donor), num_workers=2)

@@ -316,6 +316,9 @@ def train(
         say = tqdm.write if rank == 0 else lambda text: None
         if cfg.init or cfg.init_text:
             say(f"resuming from {uri}: --init and --init-text only start a new run, so they are not used")
+        # Where the run began, as its checkpoints have recorded it: the ones written now say it too.
+        origin = json.loads(storage.read_bytes(storage.join(uri, CONFIG))).get("training", {}).get("config", {})
+        cfg = cfg.model_copy(update={"init": origin.get("init"), "init_text": origin.get("init_text")})
         if start >= cfg.steps:
             say(f"nothing to train: {uri} is at step {start} of --steps {cfg.steps}; raise --steps to go on")
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), map_location=device)
