@@ -6,6 +6,8 @@ Generates `--prompts` held-out captions x `--seeds` seeds (never a training capt
 judges every image with `socarrat.datasets.shapes.score` in GenEval's five categories, and writes
 `scores.json` (per category + overall, with standard errors), `images.jsonl` (one row per image with the analyzer's
 reason) and `contact_sheet.png` to `--out` (a folder or s3:// prefix). Runs on one device, no Ray.
+`--against REPORT` (an earlier `--out` on the same prompts and seeds) also gives the paired difference
+from that model, image by image: about half the standard error of comparing the two scores.
 The flags and a write to `--out` are checked before the model is loaded, so a mistyped output is
 not found out only after the whole evaluation.
 """
@@ -83,6 +85,30 @@ def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, nu
     return {"summary": summary, "rows": rows, "sheet": sheet}
 
 
+def read_rows(report: str) -> list[dict]:
+    """The per-image rows (`images.jsonl`) of an earlier report (folder or s3:// prefix)."""
+    store = storage.open_store(report)
+    if not store.exists("images.jsonl"):
+        raise UserError(f"{store.url('images.jsonl')} not found: --against takes an earlier evaluation's --out")
+    return [json.loads(line) for line in store.get_bytes("images.jsonl").splitlines()]
+
+
+def paired_difference(rows: list[dict], earlier: list[dict]) -> dict[str, dict[str, float]]:
+    """{category and "overall": {"mean", "stderr"}} of passed(rows) - passed(earlier), image by image on
+    the same (prompt, seed); UserError unless both judged the same images. A model's own luck with a
+    prompt and seed cancels out, so two models differ beyond noise where this is ~2 of its errors."""
+    by_key = {(r["prompt"], r["seed"]): r for r in earlier}
+    if len(by_key) != len(rows) or any((r["prompt"], r["seed"]) not in by_key for r in rows):
+        raise UserError("--against: that report judged other prompts or seeds; run both with the same --prompts and --seeds")
+    out = {}
+    for category in CATEGORIES:
+        d = np.array([float(r["passed"]) - by_key[(r["prompt"], r["seed"])]["passed"] for r in rows if r["category"] == category])
+        out[category] = {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0}
+    out["overall"] = {"mean": float(np.mean([v["mean"] for v in out.values()])),
+                      "stderr": float(np.sqrt(sum(v["stderr"] ** 2 for v in out.values()))) / len(CATEGORIES)}
+    return out
+
+
 def write_report(report: dict, out: str) -> None:
     """scores.json, images.jsonl and contact_sheet.png under `out` (a folder or s3:// prefix)."""
     store = storage.open_store(out)
@@ -110,19 +136,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=300, help=f"held-out prompts: at least one per category ({len(CATEGORIES)}), at most 515")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--against", default=None, help="an earlier report (its --out) on the same prompts and seeds: "
+                   "also print and record the paired difference from it")
     add_sampler_flags(p)
     args = p.parse_args(argv)
     try:
         spec = sampler_spec(args)
         check_at_least(args, prompts=len(CATEGORIES), seeds=1, batch_size=1)  # a prompt per category
         evaluation_prompts(args.prompts)  # at most 515: the held-out captions there are, checked before the model loads
+        earlier = read_rows(args.against) if args.against else None
         storage.check_writable(args.out)
         report = evaluate(Generator.load(args.model), spec, args.prompts, args.seeds, args.batch_size)
+        if earlier is not None:
+            report["summary"]["paired_against"] = {"report": args.against, **paired_difference(report["rows"], earlier)}
         write_report(report, args.out)
     except (UserError, ValidationError) as err:
         print(f"jobs.evaluate: error: {one_line(err)}", file=sys.stderr)
         return 2
     print_table(report["summary"])
+    if paired := report["summary"].get("paired_against"):
+        print(f"\npaired difference from {paired['report']} (this model - that one, image by image)")
+        for category in (*CATEGORIES, "overall"):
+            print(f"{category:<20} {paired[category]['mean']:>+8.3f}  {paired[category]['stderr']:>6.3f}")
     print(f"report written to {args.out}")
     return 0
 

@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_SPEC
-from jobs.evaluate import evaluate, write_report
+from jobs.evaluate import evaluate, paired_difference, read_rows, write_report
 from jobs.train import run
 from socarrat import storage
 from socarrat.checkpoint import save_checkpoint
 from socarrat.cli import main as cli
 from socarrat.config import HDiTSpec, SamplerSpec
+from socarrat.datasets.shapes import CATEGORIES
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
@@ -272,6 +273,24 @@ def test_evaluate_end_to_end(tiny_generator, store_uri):
     assert len(store.get_bytes("images.jsonl").splitlines()) == 20
 
 
+def test_paired_difference_compares_two_reports_image_by_image(tmp_path):
+    def rows(passed):  # two images (seeds 0 and 1) of one prompt per category
+        return [{"prompt": c, "seed": s, "category": c, "passed": passed(c, s)} for c in CATEGORIES for s in (0, 1)]
+
+    earlier = rows(lambda c, s: c == "counting")
+    later = rows(lambda c, s: c == "counting" or (c == "position" and s == 0))
+    diff = paired_difference(later, earlier)
+    assert diff["position"] == pytest.approx({"mean": 0.5, "stderr": 0.5})  # differences 1 and 0
+    assert diff["counting"] == diff["single_object"] == {"mean": 0.0, "stderr": 0.0}
+    assert diff["overall"] == pytest.approx({"mean": 0.1, "stderr": 0.1})
+    with pytest.raises(UserError, match="other prompts or seeds"):
+        paired_difference(later, earlier[:-1])
+    storage.open_store(str(tmp_path)).put_bytes("images.jsonl", "".join(json.dumps(r) + "\n" for r in earlier).encode())
+    assert read_rows(str(tmp_path)) == earlier
+    with pytest.raises(UserError, match="--against takes an earlier evaluation's --out"):
+        read_rows(str(tmp_path / "nothing"))
+
+
 def test_evaluate_checks_its_flags_and_out_before_any_work(s3_server, tmp_path, capsys, monkeypatch):
     from jobs import evaluate as evaluate_job
 
@@ -288,6 +307,7 @@ def test_evaluate_checks_its_flags_and_out_before_any_work(s3_server, tmp_path, 
         (["--out", "s4://bucket/eval"], "unsupported scheme"),
         (["--out", "s3://no-such-bucket-here/eval"], "does not exist"),
         (["--out", str(tmp_path / "file" / "eval")], "cannot write"),
+        (["--against", str(tmp_path / "no-report")], "--against takes an earlier evaluation's --out"),
     ]
     for argv, message in cases:
         assert evaluate_job.main(argv + (["--out", str(tmp_path / "o")] if "--out" not in argv else [])) == 2, argv
