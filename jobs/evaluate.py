@@ -7,7 +7,8 @@ judges every image with `socarrat.datasets.shapes.score` in GenEval's five categ
 `scores.json` (per category + overall, with standard errors), `images.jsonl` (one row per image with the analyzer's
 reason) and `contact_sheet.png` to `--out` (a folder or s3:// prefix). Runs on one device, no Ray.
 `--against REPORT` (an earlier `--out` on the same prompts and seeds) also gives the paired difference
-from that model, image by image: about half the standard error of comparing the two scores.
+from that model, image by image: its standard error is smaller than that of the difference of the
+two scores (0.016 against 0.023 overall for two 600-image reports of the default model).
 The flags and a write to `--out` are checked before the model is loaded, so a mistyped output is
 not found out only after the whole evaluation.
 """
