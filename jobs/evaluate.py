@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from socarrat import storage
 from socarrat.cli import add_sampler_flags, check_at_least, one_line, sampler_spec
 from socarrat.config import SamplerSpec
-from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, evaluation_prompts, score
+from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, evaluation_prompts, overall, score
 from socarrat.errors import UserError
 from socarrat.generator import Generator
 
@@ -68,11 +68,10 @@ def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, nu
     wall_s = time.perf_counter() - start
     passed = {c: [r["passed"] for r in rows if r["category"] == c] for c in CATEGORIES}
     accuracy = {c: float(np.mean(p)) for c, p in passed.items()}
-    scores = {**accuracy, "overall": float(np.mean(list(accuracy.values())))}
     # Binomial standard errors, images taken as independent (a prompt's seeds are not quite): two
     # models' scores differ beyond noise only where they are ~2 of these apart.
     stderr = {c: float(np.sqrt(a * (1 - a) / len(passed[c]))) for c, a in accuracy.items()}
-    stderr["overall"] = float(np.sqrt(sum(e**2 for e in stderr.values()))) / len(CATEGORIES)
+    scores, stderr = {**accuracy, "overall": overall(accuracy)}, {**stderr, "overall": overall_stderr(stderr)}
     # Position mixes two skills, placing one object in the image ("at the top") and one relative to
     # another ("above"): the split shows which of them a model has learnt.
     kinds = {kind: [r["passed"] for r, (_, ps, _) in zip(rows, jobs) if ps.relation in relations]
@@ -84,6 +83,11 @@ def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, nu
                "wall_s": round(wall_s, 2), "images_per_s": round(len(rows) / wall_s, 2), "scores": scores,
                "stderr": stderr, "position_kinds": position_kinds}
     return {"summary": summary, "rows": rows, "sheet": sheet}
+
+
+def overall_stderr(per_category: dict[str, float]) -> float:
+    """The standard error of `overall` from the categories' own, taken as independent."""
+    return float(np.sqrt(sum(e**2 for e in per_category.values()))) / len(per_category)
 
 
 def read_rows(report: str) -> list[dict]:
@@ -105,8 +109,8 @@ def paired_difference(rows: list[dict], earlier: list[dict]) -> dict[str, dict[s
     for category in CATEGORIES:
         d = np.array([float(r["passed"]) - by_key[(r["prompt"], r["seed"])]["passed"] for r in rows if r["category"] == category])
         out[category] = {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0}
-    out["overall"] = {"mean": float(np.mean([v["mean"] for v in out.values()])),
-                      "stderr": float(np.sqrt(sum(v["stderr"] ** 2 for v in out.values()))) / len(CATEGORIES)}
+    out["overall"] = {"mean": overall({c: v["mean"] for c, v in out.items()}),
+                      "stderr": overall_stderr({c: v["stderr"] for c, v in out.items()})}
     return out
 
 

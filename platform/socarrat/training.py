@@ -220,19 +220,21 @@ def latest_checkpoint(out: str) -> tuple[int, str] | None:
     return (max(steps), storage.join(out, f"step-{max(steps):08d}")) if steps else None
 
 
-def resume_point(cfg: TrainConfig) -> tuple[int, str] | None:
-    """(step, URI) of the checkpoint a run of `cfg` resumes from, or None; UserError if that
+def resume_point(cfg: TrainConfig) -> tuple[int, str, dict] | None:
+    """(step, URI, its config.json) of the checkpoint a run of `cfg` resumes from, or None; UserError if that
     checkpoint's model spec is not `cfg.model` (a different run's output folder) or it holds weights
     without their train_state.pt (weights copied there, say)."""
     if found := latest_checkpoint(cfg.out):
-        saved = ModelSpec.model_validate(json.loads(storage.read_bytes(storage.join(found[1], CONFIG)))["model"])
+        recorded = json.loads(storage.read_bytes(storage.join(found[1], CONFIG)))
+        saved = ModelSpec.model_validate(recorded["model"])
         if saved != cfg.model:
             raise UserError(f"cannot resume from {found[1]}: its model spec differs from the requested one "
                             f"({spec_difference(saved, cfg.model)})")
         if not storage.open_store(found[1]).exists(STATE):
             raise UserError(f"cannot resume from {found[1]}: it has weights but no {STATE} (optimiser and raw "
                             f"weights); start a new run from them with --init {found[1]} and another --out")
-    return found
+        return (*found, recorded)
+    return None
 
 
 def spec_difference(there: BaseModel, here: BaseModel) -> str:
@@ -312,12 +314,12 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
     if found := resume_point(cfg):
-        start, uri = found
+        start, uri, recorded = found
         say = tqdm.write if rank == 0 else lambda text: None
         if cfg.init or cfg.init_text:
             say(f"resuming from {uri}: --init and --init-text only start a new run, so they are not used")
         # Where the run began, as its checkpoints have recorded it: the ones written now say it too.
-        origin = json.loads(storage.read_bytes(storage.join(uri, CONFIG))).get("training", {}).get("config", {})
+        origin = recorded.get("training", {}).get("config", {})
         cfg = cfg.model_copy(update={"init": origin.get("init"), "init_text": origin.get("init_text")})
         if start >= cfg.steps:
             say(f"nothing to train: {uri} is at step {start} of --steps {cfg.steps}; raise --steps to go on")

@@ -423,4 +423,9 @@ def score_many(images: Iterable[np.ndarray | Image.Image],
         s = score(image, prompt)
         results.setdefault(s.category, []).append(s.passed)
     accuracy = {c: float(np.mean(r)) for c, r in results.items()}
-    return {**accuracy, "overall": float(np.mean(list(accuracy.values())))}
+    return {**accuracy, "overall": overall(accuracy)}
+
+
+def overall(per_category: dict[str, float]) -> float:
+    """GenEval's overall score: the unweighted mean of the categories' (or of their differences)."""
+    return float(np.mean(list(per_category.values())))
