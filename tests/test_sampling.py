@@ -98,17 +98,20 @@ def test_a_step_over_many_rows_each_at_its_own_step_is_bitwise_the_steps_one_by_
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_a_steps_guess_is_its_chain_when_the_model_knows_the_clean_image(sampler, prediction):
     # Picard starts new window states from step.guess: the chain with the x0 the model implies held
-    # fixed, in closed form. With a denoiser that knows x0 it is the chain itself, noise included.
+    # fixed, in closed form, each row from its own step. With a denoiser that knows x0 it is the
+    # chain itself, noise included.
     x0 = torch.rand(2, *SHAPE) * 2 - 1
     schedule = Schedule.create("cosine", 1000, "trailing", 20)
     step, denoise = make_step(sampler, schedule, prediction, clip_sample=False), oracle(x0, "cosine", prediction)
     x, noises = draw_noise([4, 5], SHAPE, 20, sampler == "ddpm")
-    t = schedule.timesteps
-    for i in range(5):
-        x = step(x, denoise(x, t[i].repeat(2), None), i, None if noises is None else noises[i])
-    guess = step.guess(x, denoise(x, t[5].repeat(2), None), 5, 15, None if noises is None else noises[5:15])
-    chain = []
-    for i in range(5, 15):
+    t, starts, count = schedule.timesteps, (5, 8), 10  # row 0 guesses from step 5, row 1 from step 8
+
+    chain = []  # the states 1..18 of both rows, one step at a time
+    for i in range(max(starts) + count):
         x = step(x, denoise(x, t[i].repeat(2), None), i, None if noises is None else noises[i])
         chain.append(x)
-    torch.testing.assert_close(guess, torch.stack(chain), atol=1e-5, rtol=0)
+    rows, steps = torch.arange(2), torch.tensor(starts) + torch.arange(count)[:, None]  # (count, 2)
+    at = torch.stack([chain[s - 1][r] for r, s in enumerate(starts)])
+    guess = step.guess(at, denoise(at, t[steps[0]], None), steps, None if noises is None else noises[steps, rows])
+    expected = torch.stack([torch.stack(chain[s:s + count])[:, r] for r, s in enumerate(starts)], 1)
+    torch.testing.assert_close(guess, expected, atol=1e-5, rtol=0)

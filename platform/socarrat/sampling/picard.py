@@ -44,11 +44,13 @@ faithful copy of it in `benchmarks/picard.py`:
    deterministic function of it, the draws being pre-drawn: the loop is then a Jacobi iteration
    (each guess replaced by its step's output; a sum of drifts means nothing for tokens) that
    accepts a state only when it came out unchanged, and reaches the sequential tokens exactly.
-5. Host work. A round runs its window through the step function in one call (each row at its own
-   step) and the guess in closed form: 154 tensor operations a round outside the model on
-   DDPM-1000 (109 on DDIM-50), against ~1,200 (~450) for the reference loop and 1,521 (581) for the
-   state-by-state loop this replaced. On a GPU each is a kernel launch, and those launches cost the
-   replaced loop more than the model call itself.
+5. Host work. A round takes every sample's window through the step function in one call (each row
+   at its own step) and the guesses in closed form, as one (window, samples) grid of steps, so its
+   tensor operations outside the model do not grow with the batch: about 160 a round on DDPM-1000
+   and 120 on DDIM-50, at batch 1 as at batch 12, where a loop over the windows' start steps ran
+   520-720 at batch 12; against ~1,200 (~450) at batch 1 for the reference loop and 1,521 (581) for
+   a state-by-state loop. On a GPU each is a kernel launch, and those launches cost the
+   state-by-state loop more than the model call itself.
 Tried and dropped (ParaTAA, arXiv 2402.09970): rerunning the step chain with lagged model outputs
 instead of adding drifts took ~13% fewer rounds on DDPM-1000, but its changes understate the error,
 which added up to 2.4-3 uint8 at tolerances where the drift form stays under 0.5; triangular
@@ -114,7 +116,9 @@ def sample_picard(
     if window < 1:
         raise UserError(f"window must be >= 1, got {window}")
     n = len(schedule)
-    traj = x[None].repeat(n + 1, *[1] * x.dim())  # (N+1, B, C, H, W): the current guess of every state
+    # The current guess of every state (N+1, B, C, H, W), and `window` rows past the last that take
+    # the guesses made past it (written, never read), so that no round has to mask them out.
+    traj = x[None].repeat(n + 1 + window, *[1] * x.dim())
     begin = torch.zeros(len(x), dtype=torch.long)  # per sample: states 0..begin are final
     if x.is_floating_point():
         y_scale = torch.cat([schedule.alpha_bar, schedule.alpha_bar_next[-1:]]).sqrt().to(x.device, x.dtype)
@@ -122,57 +126,59 @@ def sample_picard(
     guess = getattr(step, "guess", None) or partial(_extrapolate, step)  # states entering a window
     threshold = tolerance / getattr(step, "error_gain", 1.0)  # DDIM's: a tenth (module docstring)
     rounds, evaluations = torch.zeros_like(begin), torch.zeros_like(begin)  # per sample
+    lags = torch.arange(window)[:, None]
     with tqdm(total=n, disable=not progress, desc="picard") as bar:
-        while (begin < n).any():
-            # Samples whose windows start at the same step go through `step` together.
-            groups = [(s, min(s + window, n), (begin == s).nonzero()[:, 0]) for s in begin.unique().tolist() if s < n]
-            j, b = _window_rows(groups)
-            out = denoise(traj[j, b], timesteps[j], take_rows(cond, b.to(x.device)))
+        while len(live := (begin < n).nonzero()[:, 0]):
+            # Every live sample's window in one (window, live) grid of steps; the rows past the last
+            # step are not evaluated. Index arithmetic on the CPU, then one copy to the device.
+            start = begin[live]
+            grid = start + lags
+            inside = grid < n
+            count = inside.sum(0)
+            a, k = inside.T.nonzero().T  # sample-major: each sample's window rows together
+            evaluated, last = start + count, count.cumsum(0) - 1  # each window's last state, its row
+            evaluations.index_add_(0, live, count)
+            k, a, j, b = torch.stack([k, a, grid[k, a], live[a]]).to(x.device)
+            states = traj[j, b]
+            out = denoise(states, timesteps[j], take_rows(cond, b))
             stats.rounds, stats.evaluations = stats.rounds + 1, stats.evaluations + len(j)
             stats.windows.append(len(j))
-            evaluations += torch.bincount(b, minlength=len(x))
-            for (s, e, m), outs in zip(groups, out.split([(e - s) * len(m) for s, e, m in groups])):
-                outs = outs.reshape(e - s, len(m), *out.shape[1:])
-                old = traj[s:e + 1, m]  # (e - s + 1, M, C, H, W): the base and the window's guesses
-                # The whole window in one call of `step` (each row at its own step): one launch per
-                # operation, not one per state, which on a GPU costs more than the model call itself.
-                rows = torch.arange(s, e, device=x.device).repeat_interleave(len(m))
-                noise = None if noises is None else noises[s:e][:, m].flatten(0, 1)
-                stepped = step(old[:-1].flatten(0, 1), outs.flatten(0, 1), rows, noise).view_as(old[:-1])
-                if x.is_floating_point():
-                    # x[s] + cumsum(drift), summed in float64: where the guesses were right it gives
-                    # back the steps' own results (diffusers sums in the latents' dtype, fp16 on GPUs).
-                    new = (old[0].double() + (stepped.double() - old[:-1].double()).cumsum(0)).to(x.dtype)
-                    change = (new - old[1:]).flatten(2).pow(2).mean(-1).sqrt() / y_scale[s + 1:e + 1, None]
-                    accepted = threshold
-                else:  # tokens: Jacobi, each state its step's output, accepted only if unchanged
-                    new = stepped
-                    change, accepted = (new != old[1:]).flatten(2).any(-1).float(), 0.0
-                traj[s + 1:e + 1, m] = new
-                begin[m] = s + _slide(change, accepted)
-                stop = min(int(begin[m].max()) + window, n)
-                if stop > e:  # guess the states the next windows add
-                    later = None if noises is None else noises[e:stop][:, m]
-                    traj[e + 1:stop + 1, m] = guess(new[-1], outs[-1], e, stop, later)
+            # All windows through `step` in one call (each row at its own step): one launch per
+            # operation, not one per state or per window, which on a GPU cost more than the model.
+            stepped = step(states, out, j, None if noises is None else noises[j, b])
+            if x.is_floating_point():
+                # x[begin] + cumsum(drift), summed in float64: where the guesses were right it gives
+                # back the steps' own results (diffusers sums in the latents' dtype, fp16 on GPUs).
+                drift = stepped.new_zeros(grid.shape + x.shape[1:], dtype=torch.float64)
+                drift[k, a] = stepped.double() - states.double()
+                new = (traj[start, live].double() + drift.cumsum(0))[k, a].to(x.dtype)
+                change = (new - traj[j + 1, b]).flatten(1).pow(2).mean(-1).sqrt() / y_scale[j + 1]
+                accepted = threshold
+            else:  # tokens: Jacobi, each state its step's output, accepted only if unchanged
+                new = stepped
+                change, accepted = (new != traj[j + 1, b]).flatten(1).any(-1).float(), 0.0
+            traj[j + 1, b] = new
+            start = (start + _slide(change.new_zeros(grid.shape).index_put((k, a), change), accepted)).clamp(max=n)
+            begin[live] = start
+            # Guess the states the next windows add, after the last one each window computed.
+            ahead = int(((start + window).clamp(max=n) - evaluated).max())
+            if ahead > 0:
+                later = evaluated + lags[:ahead]  # (ahead, live): states later + 1, past N only in spare rows
+                steps = later.clamp(max=n - 1)
+                later_noises = None if noises is None else noises[steps, live]
+                last, steps = last.to(x.device), steps.to(x.device)
+                traj[later + 1, live] = guess(new[last], out[last], steps, later_noises)
             rounds[(begin >= n) & (rounds == 0)] = stats.rounds
             bar.update(int(begin.min()) - bar.n)
     stats.sample_rounds, stats.sample_evaluations = rounds.tolist(), evaluations.tolist()
     return traj[n], stats
 
 
-def _window_rows(groups: list[tuple[int, int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step and sample (R,) long of every state a round evaluates: groups (start, stop, samples)
-    one after another, each step-major, as the loop reads them back."""
-    steps = [torch.arange(s, e).repeat_interleave(len(m)) for s, e, m in groups]
-    samples = [m.repeat(e - s) for s, e, m in groups]
-    return torch.cat(steps), torch.cat(samples)
-
-
-def _extrapolate(step: StepFn, x: torch.Tensor, out: torch.Tensor, start: int, stop: int, noises: torch.Tensor | None) -> torch.Tensor:
-    """States start+1..stop after state x (R, ...) if the model kept answering `out`, with the steps'
-    own noises ((stop - start, R, ...) or None): the step chain, for steps without a `guess`."""
+def _extrapolate(step: StepFn, x: torch.Tensor, out: torch.Tensor, steps: torch.Tensor, noises: torch.Tensor | None) -> torch.Tensor:
+    """The states after x (R, ...) at each row's next steps (K, R) if the model kept answering `out`,
+    with the steps' own noises ((K, R, ...) or None): the step chain, for steps without a `guess`."""
     states = []
-    for k, i in enumerate(range(start, stop)):
+    for k, i in enumerate(steps):
         x = step(x, out, i, None if noises is None else noises[k])
         states.append(x)
     return torch.stack(states)

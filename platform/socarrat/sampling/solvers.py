@@ -7,9 +7,10 @@ Shapes: x, model_output, noise_i (B, C, H, W) float; i an int step index, or a (
 giving each row its own step (Picard steps a whole window of states in one call). Both forms do the
 same float arithmetic: a row's result does not depend on which form computed it.
 
-A step may also carry `step.guess(x, out, i, stop, noises)`: states i+1..stop ((stop - i, B, ...))
-after x at step i if the model kept predicting the x0 (and eps) that `out` implies at x, with the
-steps' own noises ((stop - i, B, ...) or None). Picard starts the states entering its window from it.
+A step may also carry `step.guess(x, out, steps, noises)`: with steps (K, B) long, each row's next K
+steps from the one x is at (steps[0]), the K states they lead to ((K, B, ...)) if the model kept
+predicting the x0 (and eps) that `out` implies at x, with the steps' own noises ((K, B, ...) or
+None). Picard starts the states entering its windows from it.
 And `step.error_gain`: how much more its solver can grow a state's error on the way to the final
 image than DDPM does; Picard divides its tolerance by it (`picard.py`, the stopping rule).
 """
@@ -28,7 +29,8 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, "int | torch.Tensor", "torch.Tens
 
 class PerStep:
     """A table of per-step coefficients, computed in float64, read as a step needs them: at an int
-    step the Python float, at a (B,) tensor of steps a (B, 1, ...) tensor in the dtype of `like`.
+    step the Python float, at a tensor of steps (B,) or (K, B) a tensor of that shape followed by
+    ones to the dimensions of `like`, in its dtype.
     Either way the float64 value is rounded once to that dtype, and steps only multiply by them (a
     GPU divides by a scalar as by its reciprocal, by a tensor exactly), so a row gets the same
     arithmetic from both forms. Tables are kept per device and dtype: a read copies nothing."""
@@ -45,7 +47,7 @@ class PerStep:
     def __call__(self, i: int | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
         if not isinstance(i, torch.Tensor):
             return self.values[i]
-        return self.table(like.device, like.dtype)[i.to(like.device)].view(-1, *[1] * (like.dim() - 1))
+        return self.table(like.device, like.dtype)[i.to(like.device)].view(*i.shape, *[1] * (like.dim() - i.dim()))
 
 
 def make_step(
@@ -89,21 +91,19 @@ def make_step(
         x0, _ = x0_eps(x, out, i)
         return c_x0(i, x) * x0 + c_x(i, x) * x + sigma(i, x) * noise_i
 
-    # Picard's initial guess of states i+1..stop (`guess`, below): the chain from x with the x0 (and
-    # eps) that `out` implies at x held fixed, in closed form, a handful of launches for any length.
-    def ddim_guess(x, out, i, stop, noises=None):
-        x0, eps = x0_eps(x, out, i)
-        later, like = torch.arange(i, stop, device=x.device), x0[None]
-        return sqrt_an(later, like) * x0 + sqrt_1an(later, like) * eps  # a DDIM jump to each level
+    # Picard's initial guess (`guess`, above): the chain from x with the x0 (and eps) that `out`
+    # implies at x held fixed, in closed form, a handful of launches for any length and any rows.
+    def ddim_guess(x, out, steps, noises=None):
+        x0, eps = x0_eps(x, out, steps[0])
+        return sqrt_an(steps, x0[None]) * x0 + sqrt_1an(steps, x0[None]) * eps  # a DDIM jump to each level
 
-    def ddpm_guess(x, out, i, stop, noises):
-        x0, _ = x0_eps(x, out, i)
-        later, like = torch.arange(i, stop, device=x.device), x0[None]
+    def ddpm_guess(x, out, steps, noises):
+        x0, _ = x0_eps(x, out, steps[0])
         # x[k+1] = c_x[k] x[k] + drive[k], with drive[k] = c_x0[k] x0 + sigma[k] noise[k], unrolled:
-        # x[k+1] = sum over m of W[k, m] * ([x] + drive)[m], W a table of products of c_x.
-        drive = torch.cat([x[None], c_x0(later, like) * x0 + sigma(later, like) * noises])
-        w = chain_weights(c_x.table(x.device, torch.float64)[i:stop]).to(x.dtype)
-        return torch.einsum("km,m...->k...", w, drive)
+        # x[k+1] = sum over m of W[k, m] * ([x] + drive)[m], W a table of products of c_x per row.
+        drive = torch.cat([x[None], c_x0(steps, x0[None]) * x0 + sigma(steps, x0[None]) * noises])
+        w = chain_weights(c_x.table(x.device, torch.float64)[steps.to(x.device)]).to(x.dtype)
+        return torch.einsum("kmb,mb...->kb...", w, drive)
 
     # DDIM, an ODE solver, keeps every error of a state to the end, and a sharp model grows it where it
     # chooses between shapes; DDPM's steps re-draw part of each state. Measured on the bundled model
@@ -116,9 +116,10 @@ def make_step(
 
 
 def chain_weights(c: torch.Tensor) -> torch.Tensor:
-    """For x[k+1] = c[k] x[k] + d[k] (k = 0..K-1): W (K, K+1) with x[k+1] = W[k, 0] x[0] + sum over
-    m of W[k, m+1] d[m], i.e. W[k, j] = prod of c[j..k] (1 for j = k + 1, 0 beyond)."""
-    k, j = torch.arange(len(c), device=c.device)[:, None], torch.arange(len(c) + 1, device=c.device)[None]
+    """For x[k+1] = c[k] x[k] + d[k] (k = 0..K-1), c (K, B), one chain per column: W (K, K+1, B) with
+    x[k+1] = W[k, 0] x[0] + sum over m of W[k, m+1] d[m], i.e. W[k, j] = prod of c[j..k] (1 for
+    j = k + 1, 0 beyond)."""
+    k, j = torch.arange(len(c), device=c.device)[:, None, None], torch.arange(len(c) + 1, device=c.device)[None, :, None]
     return torch.where(k >= j, c[:, None], torch.ones_like(c[:, None])).cumprod(0) * (j <= k + 1)
 
 
