@@ -37,8 +37,8 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width-px", type=int)
     parser.add_argument("--picard", action="store_true", help="Picard (ParaDiGMS) parallel sampling")
     parser.add_argument("--window", type=int, help=f"Picard: steps evaluated per model call (default: {default['window']})")
-    parser.add_argument("--tolerance", type=float, help="Picard: accepted change of a state in final-image units "
-                        f"(a tenth of it for ddim); 0 = sequential (default: {default['tolerance']})")
+    parser.add_argument("--tolerance", type=float, help="Picard: how far (RMS, image units) the result may be "
+                        f"from sequential sampling's; 0 = the sequential result (default: {default['tolerance']})")
     parser.add_argument("--temperature", type=float, nargs=2, metavar=("FIRST", "LAST"),
                         help=f"paella: sampling temperature at the first and the last step (default: {default['temperature']})")
     parser.add_argument("--renoise-steps", type=int, help="paella: steps followed by re-noising (default: all but the last)")

@@ -173,9 +173,10 @@ class SamplerSpec(_Spec):
     width_px: int | None = Field(None, ge=8, description="None: the model's size_px")
     picard: bool = Field(False, description="Picard (ParaDiGMS) parallel sampling: many steps per model call")
     window: int = Field(32, ge=1, description="Picard: steps evaluated together per round and sample")
-    tolerance: float = Field(2e-3, ge=0, description="Picard: accepted RMS change of a state scaled to the final "
-                             "image, x / sqrt(alpha_bar), in data units ([-1, 1] pixels); DDIM, whose steps keep "
-                             "every error, accepts a tenth of it; 0 = the sequential result")
+    tolerance: float = Field(2e-3, ge=0, description="Picard: how far (RMS, in data units: [-1, 1] pixels) an "
+                             "accepted state may move the final image; a state's change scaled to the final image, "
+                             "x / sqrt(alpha_bar), is accepted at a tenth of it, as a model choosing between shapes "
+                             "can grow it tenfold; 0 = the sequential result")
     temperature: tuple[float, float] = Field((1.0, 0.5), description="paella: sampling temperature at the "
                                              "first and the last step, linear in between")
     renoise_steps: int | None = Field(None, ge=0, description="paella: steps followed by re-noising; None: all but the last")

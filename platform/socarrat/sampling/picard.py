@@ -27,11 +27,12 @@ faithful copy of it in `benchmarks/picard.py`:
    units (RMS; [-1, 1] for pixels), whatever the solver, step count and spacing. Measured: at equal
    rounds this kept DDIM within ~1 uint8 of sequential where the reference's rule is off by 3-19,
    and a rule that forgives early DDPM errors (the Gaussian-data gain) was off by 17-22. Where the
-   model chooses between shapes, though, dD/dy is large and a change grows, and an ODE solver keeps
-   all of it: with the sharper GPU-trained model, at 2e-3, 3 of 12 DDIM-200 images ended 6-17 uint8
-   RMS from sequential (an edge a pixel over; DDPM: within 0.15). So a step carries an `error_gain`
-   (solvers.py) by which the tolerance is divided: 10 for DDIM, which brought all 12 within 3 (11
-   within 0.13) for 4.5 more rounds on DDIM-200 and 1.8 on DDIM-50; 1 for DDPM (BENCHMARKS.md).
+   model chooses between shapes, though, dD/dy is large and a change grows on its way: with the
+   sharper trained models, a state accepted at 2e-3 moved 3 of 12 DDIM-200 images 6-17 uint8 RMS
+   from sequential (an edge a pixel over), and DDPM-1000 images up to 18 (a shape drawn otherwise).
+   So a state is accepted at a tenth of `tolerance` (ERROR_GAIN), which brought every image
+   measured within 3 uint8 (all but one within 0.13) for about a quarter more rounds (BENCHMARKS.md,
+   "Picard's stopping rule").
 2. Initial guess. States entering a window start where the window's last state would go if the
    model's x0 (and eps) prediction there held (`step.guess`: for DDIM a jump along x0 and eps to
    each later level, for DDPM the posterior chain with the steps' own noise, both in closed form)
@@ -72,6 +73,11 @@ from socarrat.sampling.schedules import Schedule
 from socarrat.sampling.solvers import StepFn
 
 
+# How much an accepted state's change can grow on its way to the final image where the model chooses
+# between shapes, measured on the bundled models for DDIM and DDPM (module docstring, stopping rule).
+ERROR_GAIN = 10.0
+
+
 @dataclass
 class PicardStats:
     """rounds: model calls one after another; evaluations: states evaluated, summed over the batch
@@ -110,7 +116,7 @@ def sample_picard(
     """Picard iteration over `step` from x (B, C, H, W) float, or (B, h, w) long tokens; noises
     (N, B, ...) or None (ODE solvers); cond: B rows, see `take_rows`. Each round evaluates up to
     `window` states per sample; `tolerance` is the accepted RMS change of a state in final-image
-    units, divided by `step.error_gain` if the step has one (module docstring); token states are
+    units, of which a state may change ERROR_GAIN times less (module docstring); token states are
     accepted only when unchanged, whatever the tolerance.
     Returns the final state (the shape of x) and the stats."""
     if window < 1:
@@ -124,7 +130,7 @@ def sample_picard(
         y_scale = torch.cat([schedule.alpha_bar, schedule.alpha_bar_next[-1:]]).sqrt().to(x.device, x.dtype)
     timesteps, stats = schedule.timesteps.to(x.device), PicardStats()
     guess = getattr(step, "guess", None) or partial(_extrapolate, step)  # states entering a window
-    threshold = tolerance / getattr(step, "error_gain", 1.0)  # DDIM's: a tenth (module docstring)
+    threshold = tolerance / ERROR_GAIN
     rounds, evaluations = torch.zeros_like(begin), torch.zeros_like(begin)  # per sample
     lags = torch.arange(window)[:, None]
     with tqdm(total=n, disable=not progress, desc="picard") as bar:

@@ -11,8 +11,6 @@ A step may also carry `step.guess(x, out, steps, noises)`: with steps (K, B) lon
 steps from the one x is at (steps[0]), the K states they lead to ((K, B, ...)) if the model kept
 predicting the x0 (and eps) that `out` implies at x, with the steps' own noises ((K, B, ...) or
 None). Picard starts the states entering its windows from it.
-And `step.error_gain`: how much more its solver can grow a state's error on the way to the final
-image than DDPM does; Picard divides its tolerance by it (`picard.py`, the stopping rule).
 """
 
 from __future__ import annotations
@@ -105,13 +103,10 @@ def make_step(
         w = chain_weights(c_x.table(x.device, torch.float64)[steps.to(x.device)]).to(x.dtype)
         return torch.einsum("kmb,mb...->kb...", w, drive)
 
-    # DDIM, an ODE solver, keeps every error of a state to the end, and a sharp model grows it where it
-    # chooses between shapes; DDPM's steps re-draw part of each state. Measured on the bundled model
-    # (BENCHMARKS.md, "Picard's stopping rule per solver"): the same agreement needs a tenth of the tolerance on DDIM.
-    steps = {"ddim": (ddim, ddim_guess, 10.0), "ddpm": (ddpm, ddpm_guess, 1.0)}
+    steps = {"ddim": (ddim, ddim_guess), "ddpm": (ddpm, ddpm_guess)}
     if sampler not in steps:
         raise UserError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-    step, step.guess, step.error_gain = steps[sampler]
+    step, step.guess = steps[sampler]
     return step
 
 
