@@ -88,18 +88,33 @@ def timed(fn):
 
 
 class _CountOps(TorchDispatchMode):
+    in_model = False  # set while a `model_call` runs: its operations are the model's, not counted
+
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.count += not _CountOps.in_model
         return func(*args, **(kwargs or {}))
 
 
+def uncounted(denoise):
+    """`denoise`, whose own tensor operations `tensor_ops` leaves out: what a method runs around
+    the model is counted exactly, whatever the batch size of each call."""
+    def model_call(*args):
+        _CountOps.in_model = True
+        try:
+            return denoise(*args)
+        finally:
+            _CountOps.in_model = False
+    return model_call
+
+
 def tensor_ops(fn) -> int:
-    """How many tensor operations `fn` dispatches (aten ops): on a GPU each is about one kernel
-    launch, and for small models the launches, not the arithmetic, set the time of a round."""
+    """How many tensor operations `fn` dispatches (aten ops) outside `uncounted` model calls: on a
+    GPU each is about one kernel launch, and for small models the launches, not the arithmetic,
+    set the time of a round."""
     with _CountOps() as counter:
         fn()
     return counter.count
@@ -116,7 +131,7 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
     seeds = [args.seed + i for i in range(len(prompts))]
     x, noises = draw_noise(seeds, gen.image_shape(SamplerSpec()), steps, sampler == "ddpm", device)
     cond = (model.encode(prompts), model.encode([""] * len(prompts)))
-    denoise = cfg_denoiser(model, args.guidance)
+    denoise = uncounted(cfg_denoiser(model, args.guidance))
 
     def model_call(size: int) -> tuple:
         """(x, t, rows) of a model call on `size` states cycling through the batch."""
@@ -138,13 +153,6 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
                 "worst_image_rms_uint8": diff.flatten(1).pow(2).mean(1).sqrt().max().item(),
                 "score_pct": 100 * sum(score(img, p).passed for img, p in zip(images, prompts)) / len(prompts)}
 
-    def ops_of_a_call(size: int) -> int:  # the model's own operations, at the batch size a method uses
-        xs, ts, index = model_call(size)
-        rows = take_rows(cond, index)
-        return tensor_ops(lambda: denoise(xs, ts, rows))
-
-    model_ops = ops_of_a_call(args.window * len(x))
-
     def warm(run):
         """Run the method once untimed, counting its tensor operations, then time it: on a GPU a
         first call at each new batch size pays a one-time kernel selection, so the time is the
@@ -154,12 +162,12 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
 
     (seq, seq_s), ops = warm(lambda: sample(denoise, x, schedule, step, noises, cond))
     rows = [row("sequential", seq, PicardStats(steps, steps * len(x)), seq_s)]
-    rows[-1]["host_ops_per_round"] = (ops - steps * ops_of_a_call(len(x))) / steps
+    rows[-1]["host_ops_per_round"] = ops / steps
 
-    def add(method, run, ops_per_call=model_ops):  # 0 for actor groups: their model runs elsewhere
+    def add(method, run):  # an actor group's own work (its scatter and gather) counts as host work
         ((out, stats), wall), ops = warm(run)
         rows.append(row(method, out, stats, wall))
-        rows[-1]["host_ops_per_round"] = (ops - stats.rounds * ops_per_call) / stats.rounds
+        rows[-1]["host_ops_per_round"] = ops / stats.rounds
 
     tolerances = args.tolerances or [SamplerSpec().tolerance]
     for tol in tolerances:
@@ -174,7 +182,7 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
     for k, group in groups.items():
         with group.conditioned(cond, args.guidance) as (remote, remote_cond):
             add(f"socarrat picard on {k} ray actor(s)",
-                lambda: sample_picard(remote, x, schedule, step, noises, remote_cond, args.window, tolerance), 0)
+                lambda: sample_picard(remote, x, schedule, step, noises, remote_cond, args.window, tolerance))
             rows[-1]["round_ms"] = median_ms(lambda: remote(xs, ts, remote_cond[index]))
     for r in rows:
         r.update(config=f"{sampler.upper()}-{steps}", window=args.window, speedup=seq_s / r["wall_s"])

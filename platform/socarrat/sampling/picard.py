@@ -47,10 +47,10 @@ faithful copy of it in `benchmarks/picard.py`:
    accepts a state only when it came out unchanged, and reaches the sequential tokens exactly.
 5. Host work. A round takes every sample's window through the step function in one call (each row
    at its own step) and the guesses in closed form, as one (window, samples) grid of steps, so its
-   tensor operations outside the model do not grow with the batch: about 160 a round on DDPM-1000
-   and 120 on DDIM-50, at batch 1 as at batch 12, where a loop over the windows' start steps ran
-   520-720 at batch 12; against ~1,200 (~450) at batch 1 for the reference loop and 1,521 (581) for
-   a state-by-state loop. On a GPU each is a kernel launch, and those launches cost the
+   tensor operations outside the model do not grow with the batch: 130-170 a round at batch 1 as at
+   batch 12, where a loop over the windows' start steps ran 520-720 at batch 12 (124-157 at batch
+   1); against ~1,200 (~450) at batch 1 for the reference loop on DDPM-1000 (DDIM-50) and 1,521
+   (581) for a state-by-state loop. On a GPU each is a kernel launch, and those launches cost the
    state-by-state loop more than the model call itself.
 Tried and dropped (ParaTAA, arXiv 2402.09970): rerunning the step chain with lagged model outputs
 instead of adding drifts took ~13% fewer rounds on DDPM-1000, but its changes understate the error,
@@ -115,9 +115,9 @@ def sample_picard(
 ) -> tuple[torch.Tensor, PicardStats]:
     """Picard iteration over `step` from x (B, C, H, W) float, or (B, h, w) long tokens; noises
     (N, B, ...) or None (ODE solvers); cond: B rows, see `take_rows`. Each round evaluates up to
-    `window` states per sample; `tolerance` is the accepted RMS change of a state in final-image
-    units, of which a state may change ERROR_GAIN times less (module docstring); token states are
-    accepted only when unchanged, whatever the tolerance.
+    `window` states per sample; `tolerance` is how far (RMS, final-image units) the result may be
+    from the sequential one: a state is accepted when its change, scaled to the final image, is
+    within tolerance / ERROR_GAIN (module docstring); token states only when unchanged.
     Returns the final state (the shape of x) and the stats."""
     if window < 1:
         raise UserError(f"window must be >= 1, got {window}")
