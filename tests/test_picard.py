@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.picard import tensor_ops, uncounted
 from socarrat.config import SamplerSpec
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling import picard
@@ -104,33 +104,16 @@ def test_a_sample_in_a_batch_equals_the_sample_alone(tiny_model):
     assert len(set(stats.sample_evaluations)) > 1  # the samples converged at other rounds
 
 
-class _HostOps(TorchDispatchMode):
-    """Counts the tensor operations dispatched while `counting`."""
-    count, counting = 0, True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += self.counting
-        return func(*args, **(kwargs or {}))
-
-
 @torch.inference_mode()
 def test_a_rounds_work_outside_the_model_does_not_grow_with_the_batch(tiny_model):
     # A round takes every sample's window through the step, the sum and the guess together, wherever
     # each window starts: on a GPU each tensor operation outside the model is a kernel launch.
     def host_ops_per_round(seeds):
         denoise, *rest = setup(tiny_model, "ddpm", 40, seeds=seeds)
-        counter = _HostOps()
-
-        def uncounted(*args):
-            counter.counting = False
-            try:
-                return denoise(*args)
-            finally:
-                counter.counting = True
-
-        with counter:
-            _, stats = sample_picard(uncounted, *rest, window=8, tolerance=3e-3)
-        return counter.count / stats.rounds, stats
+        runs = []
+        ops = tensor_ops(lambda: runs.append(sample_picard(uncounted(denoise), *rest, window=8, tolerance=3e-3)))
+        stats = runs[0][1]
+        return ops / stats.rounds, stats
 
     alone, _ = host_ops_per_round((1,))
     batch, stats = host_ops_per_round((1, 2, 3))
