@@ -370,7 +370,9 @@ class _Job:
 
 
 def _images_in(jobs: Iterable[_Job]) -> int:
-    return sum(len(job.request.prompts) for job in jobs)
+    """What the jobs put in one model call, in images: a Picard image evaluates min(window, steps) states."""
+    return sum(len(job.request.prompts) * (min(job.request.spec.window, job.request.spec.steps)
+                                           if job.request.spec.picard else 1) for job in jobs)
 
 
 @serve.deployment
@@ -452,9 +454,11 @@ class ImageModel:
                         job.answer.set_result(answer)
 
     def _take_batch(self) -> list[_Job]:
-        """Queued requests in arrival order, up to max_batch_images images; cancelled ones are dropped."""
+        """Queued requests in arrival order, up to max_batch_images images (the first one in any case: a
+        request larger than that, from a caller that bypassed the ingress, must not stall the queue);
+        cancelled ones are dropped."""
         batch: list[_Job] = []
-        while self.queue and _images_in(batch + [self.queue[0]]) <= self.args.max_batch_images:
+        while self.queue and (not batch or _images_in(batch + [self.queue[0]]) <= self.args.max_batch_images):
             job = self.queue.popleft()
             if not job.answer.done():
                 batch.append(job)

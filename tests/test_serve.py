@@ -480,6 +480,26 @@ def test_a_picard_request_reports_its_own_rounds_and_evaluations_in_a_shared_cal
     assert alone.metadata.picard["evaluations"] == sum(r.metadata["picard"]["evaluations"] for r in alone.results)
 
 
+def test_a_model_call_holds_at_most_max_batch_images_counting_picard_windows_and_never_stalls(tiny_checkpoint: str):
+    replica = ImageModel.func_or_class(AppArgs(model_uri=tiny_checkpoint, num_gpus=0, max_batch_images=8))
+    loop = asyncio.new_event_loop()
+
+    def queue(*jobs: tuple[int, SamplerSpec]) -> None:
+        replica.queue.extend(_Job(GenerationRequest(prompts=["x"] * n, seeds=list(range(n)), spec=spec), "sequential",
+                                  0.0, loop.create_future()) for n, spec in jobs)
+
+    picard = SamplerSpec(sampler="ddpm", steps=12, picard=True, window=4)  # 4 states per image each round
+    queue((1, picard), (1, picard), (1, picard))
+    assert len(replica._take_batch()) == 2 and len(replica.queue) == 1  # 8 states: a third would make 12
+    replica.queue.clear()
+    queue((1, picard.model_copy(update={"steps": 2})), (1, picard), (2, SamplerSpec(steps=2)))
+    assert len(replica._take_batch()) == 3  # a round of 2 steps holds 2 states, not the window's 4: 2 + 4 + 2
+    replica.queue.clear()
+    queue((12, SamplerSpec(steps=2)), (1, SamplerSpec(steps=2)))  # over the cap: a caller bypassed the ingress
+    assert [len(job.request.prompts) for job in replica._take_batch()] == [12]  # taken alone, not stuck at the head
+    loop.close()
+
+
 def test_check_health_reports_non_finite_weights(tiny_checkpoint: str):
     replica = ImageModel.func_or_class(AppArgs(model_uri=tiny_checkpoint, num_gpus=0))
     replica.check_health()
