@@ -65,9 +65,9 @@ class GenerateJob(BaseModel):
     prompts: str = Field(description="prompt file, folder, prefix or glob; local or s3://")
     out: str = Field(description="output folder or s3:// prefix")
     model: str | None = Field(None, description="bundled name, checkpoint dir or s3:// prefix; None: the default")
-    images_per_prompt: int = Field(1, ge=1, le=10_000)
+    images_per_prompt: massgen.ImagesPerPrompt = 1
     spec: SamplerSpec = SamplerSpec()
-    seed_base: int = Field(0, ge=0, lt=2**63, description="seeds of rows without one derive from it")
+    seed_base: massgen.SeedBase = 0
     batch_size: int = Field(32, ge=1, description="images per model call")
     shard_size: int = Field(1024, ge=1, description="images per tar shard; a multiple of batch_size wastes nothing")
     num_gpus_per_worker: float | None = Field(None, ge=0, description=(

@@ -131,6 +131,9 @@ def test_a_file_without_a_prompt_column_is_named_with_its_columns():
     with pytest.raises(UserError, match="no row of /in/a.csv has a prompt; its columns are seed, text"):
         massgen.check_prompt_column(checked)
     massgen.check_prompt_column(checked[1:])  # b.csv has prompts, one row without: a failures row
+    checked = massgen.check_rows([{"id": "1", "prompt": None, "path": "/in/c.csv"}], SETTINGS, MAX_STEPS)  # an empty CSV cell
+    with pytest.raises(UserError, match="no row of /in/c.csv has a prompt: its `prompt` column is empty"):
+        massgen.check_prompt_column([dict(zip(checked, values)) for values in zip(*checked.values())])
 
 
 def test_plan_dedupes_rejects_id_clashes_and_recuts_the_same_shards():
@@ -265,6 +268,23 @@ def test_a_live_run_keeps_its_lease_however_long_it_stalls_or_its_clock_lags(tmp
     finally:
         stop.set()
         beats.join()
+
+
+def test_a_lease_taken_over_while_a_tar_uploads_publishes_no_manifest_part(reference, tmp_path):
+    """The run that took over deletes tars without a manifest part: a manifest part published after
+    that would mark a shard done whose images are gone."""
+
+    class TakenOverDuringUploads(storage.LocalStore):
+        def put_file(self, key, path, *, if_absent=False):
+            put_lease(self, lease(run_id="newer"))
+            return super().put_file(key, path, if_absent=if_absent)
+
+    store = TakenOverDuringUploads(str(tmp_path))
+    put_lease(store, lease(run_id="mine"))
+    task = massgen.ImageTask(key="k-0", prompt="a red circle", seed=0, spec=SamplerSpec(steps=1))
+    with pytest.raises(UserError, match="run mine lost"):
+        massgen.publish(store, "mine", "s-0", [task], reference.generate([task.prompt], [task.seed], task.spec))
+    assert store.list("shards/") == ["shards/s-0.tar"] and read_manifest(store) is None
 
 
 def test_the_lease_is_refreshed_while_held_and_a_lease_taken_over_is_left_alone(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 Tests taking `store_uri` run on a local folder and on the S3 API server, so S3 == local.
 """
 
+import errno
 import io
 import tarfile
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pytest
 import webdataset as wds
 
-from socarrat import storage
+from socarrat import shards, storage
 from socarrat.errors import NotFoundError, UserError
 from socarrat.shards import (
     complete_shards, list_shards, publish_shard, read_manifest, read_shard, remove_incomplete, write_shard,
@@ -55,6 +56,21 @@ def test_read_shard_counts_a_corrupt_tar(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 100)
     stats = {}
     assert list(read_shard(str(tmp_path / "bad.tar"), stats)) == [] and stats == {"corrupt": 1}
+
+
+def test_a_shard_that_cannot_be_read_is_an_error_not_a_corrupt_tar(tmp_path, monkeypatch):
+    """A failing disk or network must stop the reader, not silently drop the shard's samples."""
+    stats = {}
+    with pytest.raises(NotFoundError, match="gone.tar"):
+        list(read_shard(str(tmp_path / "gone.tar"), stats))
+
+    def failing_disk(uri: str) -> bytes:
+        raise OSError(errno.EIO, "Input/output error", uri)
+
+    monkeypatch.setattr(shards.storage, "read_bytes", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        list(read_shard(str(tmp_path / "bad.tar"), stats))
+    assert stats == {}
 
 
 def test_read_shard_drops_the_sample_a_damaged_tar_cuts(tmp_path):

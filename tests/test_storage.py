@@ -58,6 +58,17 @@ def test_list_is_recursive_relative_sorted_and_honours_prefix(store_uri: str) ->
     assert store.list("zzz") == []
 
 
+def test_s3_folder_markers_are_not_listed(s3_bucket: str) -> None:
+    """The S3 console's "Create folder" writes an empty object named "folder/": not a file under it."""
+    import boto3
+
+    client = boto3.session.Session().client("s3")
+    for key in ("prompts/", "prompts/sub/", "prompts/a.txt"):
+        client.put_object(Bucket=s3_bucket.removeprefix("s3://"), Key=key, Body=b"")
+    assert open_store(s3_bucket + "/prompts").list() == ["a.txt"]
+    assert open_store(s3_bucket).list() == ["prompts/a.txt"]
+
+
 def test_delete_removes_and_tolerates_missing(store_uri: str) -> None:
     store = open_store(store_uri)
     store.put_bytes("gone", b"1")

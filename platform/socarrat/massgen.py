@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -86,13 +86,18 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The run settings a user gives (jobs.generate.GenerateJob) and records (RunSettings) alike.
+ImagesPerPrompt = Annotated[int, Field(ge=1, le=10_000)]
+SeedBase = Annotated[int, Field(ge=0, lt=2**63, description="seeds of rows without one derive from it")]
+
+
 class RunSettings(_Frozen):
     """Everything that decides a run's images; every run into one --out must repeat it."""
 
     model_digest: str
     spec: SamplerSpec = SamplerSpec()
-    images_per_prompt: int = Field(1, ge=1, le=10_000)
-    seed_base: int = Field(0, ge=0, lt=2**63)
+    images_per_prompt: ImagesPerPrompt = 1
+    seed_base: SeedBase = 0
 
 
 class ImageTask(_Frozen):
@@ -211,6 +216,8 @@ def check_prompt_column(checked: Sequence[Mapping[str, str]]) -> None:
         elif (names := columns.setdefault(path, set())) is not None:
             names.update(source.keys() - {"path"})
     for path, names in columns.items():
+        if names is not None and "prompt" in names:
+            raise UserError(f"no row of {path} has a prompt: its `prompt` column is empty in every row")
         if names is not None:
             raise UserError(f"no row of {path} has a prompt; its columns are {', '.join(sorted(names)) or 'none'}; "
                             "name the prompt column `prompt`")
@@ -428,7 +435,10 @@ def publish(store: storage.Store, run_id: str, name: str, tasks: list[ImageTask]
         })
     encode_s = time.perf_counter() - t0
     check_lease(store, run_id)
-    return shards.publish_shard(store, name, samples, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)), encode_s
+    # Again once the tar is up: a run that took over meanwhile may have removed it as incomplete.
+    published = shards.publish_shard(store, name, samples, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
+                                     before_manifest=lambda: check_lease(store, run_id))
+    return published, encode_s
 
 
 def write_failures(store: storage.Store, failures: list[dict]) -> None:

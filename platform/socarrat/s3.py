@@ -113,7 +113,9 @@ class S3Store(Store):
         with self._errors():
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=base + self._check_prefix(prefix))
-            return sorted(obj["Key"][len(base):] for page in pages for obj in page.get("Contents", []))
+            # A key ending in "/" is a folder marker (the S3 console's "Create folder"), not an object.
+            return sorted(obj["Key"][len(base):] for page in pages for obj in page.get("Contents", [])
+                          if not obj["Key"].endswith("/"))
 
     def delete(self, key: str) -> None:
         with self._errors(key):

@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,8 +88,9 @@ def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample
     is dropped, since some of its members may be missing."""
     stats = stats if stats is not None else {}
     current: Sample | None = None
+    data = storage.read_bytes(uri)  # a failed read is an error to report, not a damaged shard
     try:
-        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -102,19 +103,22 @@ def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample
                     current = None
                 current = current or (key, {})
                 current[1][ext] = data
-    except (tarfile.TarError, EOFError, OSError):
+    except (tarfile.TarError, EOFError):
         stats["corrupt"] = stats.get("corrupt", 0) + 1
         return
     if current:
         yield current
 
 
-def publish_shard(store: storage.Store, name: str, samples: Iterable[Sample], manifest: pa.Table) -> bool:
-    """Publish shard `name` of a manifested dataset: its tar, then its manifest part.
+def publish_shard(store: storage.Store, name: str, samples: Iterable[Sample], manifest: pa.Table,
+                  before_manifest: Callable[[], None] = lambda: None) -> bool:
+    """Publish shard `name` of a manifested dataset: its tar, then (after `before_manifest`, which
+    may raise to stop it) its manifest part.
 
     Returns False when the manifest part was already there (another attempt completed the shard
     first); a tar already there is kept as it is, since only an attempt at the same shard writes it."""
     write_shard(store, f"{SHARD_DIR}/{name}.tar", samples, if_absent=True)
+    before_manifest()
     buf = io.BytesIO()
     pq.write_table(manifest, buf)
     return store.put_bytes(f"{MANIFEST_DIR}/{name}.parquet", buf.getvalue(), if_absent=True)
