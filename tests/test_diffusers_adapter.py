@@ -8,6 +8,7 @@ import shutil
 import string
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +223,29 @@ def test_unsupported_scheduler_configs_are_named():
     with pytest.raises(UserError, match="thresholding"):
         spec_fields({"thresholding": True})
     assert spec_fields({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500})["schedule"] == "cosine"
+
+
+def test_a_damaged_or_unsupported_pipeline_is_one_line_before_any_weights_are_read(sd_dir, tmp_path):
+    def damaged(file: str, text: str | None = None) -> str:
+        copy = tmp_path / file.replace("/", "-")
+        shutil.copytree(sd_dir / "eps", copy)
+        if text is None:
+            (copy / file).unlink()
+        else:
+            (copy / file).write_text(text)
+        return str(copy)
+
+    with pytest.raises(UserError, match="model_index.json is not valid JSON"):
+        Generator.load(damaged("model_index.json", "{"), device="cpu")
+    with pytest.raises(UserError, match="unet/config.json is not valid JSON"):
+        Generator.load(damaged("unet/config.json", "{"), device="cpu")
+    with pytest.raises(UserError, match="cannot load the 'text_encoder'"):
+        Generator.load(damaged("text_encoder/model.safetensors", "not weights"), device="cpu")
+    inpainting = damaged("unet/diffusion_pytorch_model.safetensors", "not weights")  # never read: the config refuses
+    config = json.loads((Path(inpainting) / "unet/config.json").read_text())
+    (Path(inpainting) / "unet/config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    with pytest.raises(UserError, match="inpainting"):
+        Generator.load(inpainting, device="cpu")
 
 
 def test_missing_diffusers_names_the_extra(sd_dir, monkeypatch):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from socarrat.config import ModelSpec, check_size
@@ -121,6 +122,7 @@ class DiffusersModel(nn.Module):
     def load(cls, path: str | Path) -> DiffusersModel:
         """The pipeline in the local directory `path`, float32 on the CPU."""
         path = Path(path)
+        describe(path)  # refuse an unsupported pipeline from its configs, before reading any weights
         index = _index(path)
         import_diffusers()
         components = [_component(path, index, name) for name in ("unet", "vae", "text_encoder", "tokenizer")]
@@ -142,9 +144,9 @@ class DiffusersModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """Latents x (B, 4, h, w), t (B,) long timesteps in [0, train_timesteps) -> the UNet's eps or v,
-        in the UNet's dtype. The latents may stay float32 around a half-precision UNet: Picard's
-        tolerance (2e-3, 2e-4 for DDIM, after dividing by sqrt(alpha_bar) ~ 0.07) is below fp16's
-        resolution of them."""
+        in the UNet's dtype. The latents may stay float32 around a half-precision UNet: the change
+        Picard accepts (its tolerance 2e-3 / ERROR_GAIN = 2e-4, after dividing by sqrt(alpha_bar)
+        ~ 0.07) is below fp16's resolution of them."""
         dtype = self.unet.dtype
         return self.unet(x.to(dtype), t, encoder_hidden_states=text.tokens.to(dtype), return_dict=False)[0]
 
@@ -168,7 +170,7 @@ def _index(path: Path) -> dict:
     """model_index.json of the pipeline at `path`; NotFoundError if there is none, UserError for SDXL."""
     if not (path / INDEX).is_file():
         raise NotFoundError(f"no diffusers pipeline at {path} (expected {path / INDEX})")
-    index = json.loads((path / INDEX).read_text())
+    index = _read_json(path / INDEX)
     if index.get("text_encoder_2"):
         raise UserError(f"{path}: pipelines with a second text encoder (SDXL) are not supported")
     return index
@@ -179,7 +181,14 @@ def _config(path: Path, component: str) -> dict:
     file = path / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
     if not file.is_file():
         raise NotFoundError(f"diffusers pipeline at {path} has no {component!r} config ({file})")
-    return json.loads(file.read_text())
+    return _read_json(file)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err})") from None
 
 
 def _component(path: Path, index: dict, name: str):
@@ -189,7 +198,11 @@ def _component(path: Path, index: dict, name: str):
         raise NotFoundError(f"diffusers pipeline at {path} has no {name!r} component (model_index.json and {path / name})")
     cls = getattr(importlib.import_module(library), class_name)
     kwargs = {} if name == "tokenizer" else {"use_safetensors": True}
-    return cls.from_pretrained(path / name, local_files_only=True, **kwargs)
+    try:
+        return cls.from_pretrained(path / name, local_files_only=True, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:  # missing or damaged weights, config or vocabulary
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(f"cannot load the {name!r} of the diffusers pipeline at {path}: {detail}") from None
 
 
 def _check_unet(config) -> None:
