@@ -45,11 +45,11 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def sampler_spec(args: argparse.Namespace):
+    """The SamplerSpec of the sampler flags given; the rest keep SamplerSpec's defaults."""
     from socarrat.config import SamplerSpec
 
-    names = ("sampler", "steps", "spacing", "guidance", "height_px", "width_px", "picard", "window", "tolerance",
-             "temperature", "renoise_steps")
-    return SamplerSpec(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    return SamplerSpec(**{name: getattr(args, name) for name in SamplerSpec.model_fields
+                          if getattr(args, name) is not None})
 
 
 def check_at_least(args: argparse.Namespace, **least: int) -> None:

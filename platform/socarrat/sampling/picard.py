@@ -81,7 +81,7 @@ ERROR_GAIN = 10.0
 @dataclass
 class PicardStats:
     """rounds: model calls one after another; evaluations: states evaluated, summed over the batch
-    (CFG's two passes count once, as in `sample`); windows: states evaluated in each round;
+    (CFG's two passes count once); windows: states evaluated in each round;
     sample_rounds and sample_evaluations: each sample's own (the round its last state was accepted
     in, and its states evaluated), which do not depend on the rest of the batch."""
 

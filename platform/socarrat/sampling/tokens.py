@@ -97,7 +97,7 @@ def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float], s
     start > 0: `schedule` is the tail of a `start + len(schedule)`-step one (structural editing),
     whose temperatures the steps keep."""
     n = start + len(schedule)
-    temperatures = torch.linspace(temperature[0], temperature[1], n).tolist()[start:] if n > 1 else [temperature[0]]
+    temperatures = torch.linspace(temperature[0], temperature[1], n).tolist()[start:]  # n = 1: the first
     inv_temperatures = PerStep([1 / t for t in temperatures])  # multiplied, never divided: see PerStep
     fractions = PerStep(schedule.renoise.tolist())
 
