@@ -187,6 +187,8 @@ def main() -> None:
     for key, value in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.picard_requests < 1:
+        p.error(f"--picard-requests must be >= 1 (a p50 needs a request), got {args.picard_requests}")
     if not gpu:
         torch.set_num_threads(1)  # as in the 1-CPU replica, where Ray sets OMP_NUM_THREADS=1
 
