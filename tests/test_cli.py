@@ -56,9 +56,9 @@ def test_generate_and_edit_read_and_write_object_storage(s3_bucket, tiny_token_c
     (["--sampler", "euler"], "sampler"),
     (["--height-px", "15"], "multiples of 2"),
     (["--model", "/no/such/dir"], "/no/such/dir"),
-    (["--window", "8", "--tolerance", "0"], "tolerance, window: not read when sampling with ddim; leave them unset"),
-    (["--temperature", "1", "0.6"], "temperature: not read when sampling with ddim;"),
-    (["--sampler", "ddpm", "--picard", "--renoise-steps", "3"], "renoise_steps: not read when sampling with ddpm and Picard"),
+    (["--window", "8", "--tolerance", "0"], "--window, --tolerance: for Picard sampling only; add --picard"),
+    (["--temperature", "1", "0.6"], "temperature: not read by the ddim sampler; leave it unset"),
+    (["--sampler", "ddpm", "--picard", "--renoise-steps", "3"], "renoise_steps: not read by the ddpm sampler"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, flags, message):
     args = ["generate", "--prompt", "a red circle", "--model", model_dir, "--out", str(tmp_path / "x.png"), *flags]
@@ -73,7 +73,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, flags, me
 def test_a_token_model_refuses_the_gaussian_samplers_spacing(tmp_path, tiny_token_checkpoint, capsys):
     args = ["generate", "--prompt", "a red circle", "--model", tiny_token_checkpoint, "--out", str(tmp_path / "x.png")]
     assert main([*args, "--spacing", "leading"]) == 2
-    assert capsys.readouterr().err.strip().endswith("error: spacing: not read when sampling with paella; leave it unset")
+    assert capsys.readouterr().err.strip().endswith("error: spacing: not read by the paella sampler; leave it unset")
 
 
 @pytest.mark.parametrize("flags, message", [(["--seed", "-1"], "--seed must be >= 0, got -1"),

@@ -45,9 +45,13 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def sampler_spec(args: argparse.Namespace):
-    """The SamplerSpec of the sampler flags given; the rest keep SamplerSpec's defaults."""
+    """The SamplerSpec of the sampler flags given; the rest keep SamplerSpec's defaults. UserError for
+    Picard's flags without --picard, which would be ignored (the model's sampler checks the others)."""
     from socarrat.config import SamplerSpec
 
+    stray = [f"--{name}" for name in ("window", "tolerance") if getattr(args, name) is not None]
+    if stray and not args.picard:
+        raise UserError(f"{', '.join(stray)}: for Picard sampling only; add --picard")
     return SamplerSpec(**{name: getattr(args, name) for name in SamplerSpec.model_fields
                           if getattr(args, name) is not None})
 

@@ -139,17 +139,17 @@ class Blend:
 
 def resolve_spec(model: ModelSpec, spec: SamplerSpec) -> SamplerSpec:
     """`spec` with the defaults of a `model` filled in (sampler, steps); UserError for a sampler its
-    family does not have, or for a field moved off its default that this sampling would not read."""
+    family does not have, or for another sampler's field moved off its default (it would be ignored)."""
     token = model.family == "token"
     sampler = spec.sampler or OWN_SAMPLER[model.family]
     if token != (sampler == "paella"):
         own = "paella" if token else "ddim or ddpm"
         raise UserError(f"sampler {sampler!r} does not apply to this {model.family}-family model; use {own}")
     unread = {name for name, value in SamplerSpec() if getattr(spec, name) != value} & (
-        ({"spacing"} if token else {"temperature", "renoise_steps"}) | (set() if spec.picard else {"window", "tolerance"}))
+        {"spacing"} if token else {"temperature", "renoise_steps"})
     if unread:
-        raise UserError(f"{', '.join(sorted(unread))}: not read when sampling with {sampler}"
-                        f"{' and Picard' if spec.picard else ''}; leave {'it' if len(unread) == 1 else 'them'} unset")
+        raise UserError(f"{', '.join(sorted(unread))}: not read by the {sampler} sampler; "
+                        f"leave {'it' if len(unread) == 1 else 'them'} unset")
     return spec.model_copy(update={"sampler": sampler, "steps": spec.steps or DEFAULT_STEPS[sampler]})
 
 
