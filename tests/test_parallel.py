@@ -64,6 +64,17 @@ def test_actor_group_equals_in_process(group, tiny_model, sampler):
     assert remote_stats.evaluations >= STEPS * len(x)
 
 
+def assert_recovered(group, model, victim) -> None:
+    """The group has replaced its actor 1, `victim`, and samples as in-process again."""
+    cond, x, schedule, step, noises = request(model)
+    with torch.inference_mode():
+        local, _ = sample_picard(cfg_denoiser(model, 3.0), x, schedule, step, noises, cond, WINDOW, 1e-3)
+    with group.conditioned(cond, 3.0) as (denoise, rows):
+        remote, _ = sample_picard(denoise, x, schedule, step, noises, rows, WINDOW, 1e-3)
+    assert group.actors[1] is not victim
+    torch.testing.assert_close(remote, local, atol=1e-4, rtol=0)
+
+
 def test_killed_actor_fails_the_request_and_the_group_recovers(group, tiny_model):
     cond, x, schedule, step, noises = request(tiny_model)
     victim, rounds = group.actors[1], []
@@ -79,30 +90,19 @@ def test_killed_actor_fails_the_request_and_the_group_recovers(group, tiny_model
             sample_picard(killing, x, schedule, step, noises, rows, WINDOW, tolerance=0.0)
     assert 2 <= len(rounds) < STEPS
 
-    with torch.inference_mode():
-        local, _ = sample_picard(cfg_denoiser(tiny_model, 3.0), x, schedule, step, noises, cond, WINDOW, 1e-3)
-    with group.conditioned(cond, 3.0) as (denoise, rows):
-        remote, _ = sample_picard(denoise, x, schedule, step, noises, rows, WINDOW, 1e-3)
-    assert group.actors[1] is not victim
-    torch.testing.assert_close(remote, local, atol=1e-4, rtol=0)
+    assert_recovered(group, tiny_model, victim)
 
 
 def test_a_dead_actor_is_found_behind_another_actors_own_error(group, tiny_model):
     """An actor's own error must not hide a dead actor after it, or the group would not restart that
     one and the next request would fail too. (Ray 2.60's `ray.get` raises the death first whatever
     the order; the group relies on it.)"""
-    cond, x, schedule, step, noises = request(tiny_model)
     victim = group.actors[1]
     ray.kill(victim, no_restart=True)
-    args = (x[:1], torch.tensor([0]), torch.tensor([0]))
+    args = (torch.zeros(1, 3, 32, 32), torch.tensor([0]), torch.tensor([0]))
     with pytest.raises(WorkerLostError, match=r"actor\(s\) \[1\] of 2 died"):
         group._gather([group.actors[0].denoise.remote("no such request", *args), victim.denoise.remote("x", *args)])
-    with torch.inference_mode():
-        local, _ = sample_picard(cfg_denoiser(tiny_model, 3.0), x, schedule, step, noises, cond, WINDOW, 1e-3)
-    with group.conditioned(cond, 3.0) as (denoise, rows):
-        remote, _ = sample_picard(denoise, x, schedule, step, noises, rows, WINDOW, 1e-3)
-    assert group.actors[1] is not victim
-    torch.testing.assert_close(remote, local, atol=1e-4, rtol=0)
+    assert_recovered(group, tiny_model, victim)
 
 
 def pixels(result) -> np.ndarray:

@@ -157,6 +157,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_precision(device: torch.device):
+    """The autocast every model call runs under, here and on Picard's actors: bf16 on a GPU (half the
+    memory traffic), none on the CPU (fp32 keeps results exact for the tests)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 class Generator:
     """A loaded model on a device, ready to turn prompts into images."""
 
@@ -282,5 +288,4 @@ class Generator:
                 constrain(denoise), (known, keep, cond))
 
     def _autocast(self):
-        # bf16 on GPU halves memory traffic; on CPU, fp32 keeps results exact for the tests.
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return model_precision(self.device)

@@ -26,6 +26,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from socarrat.errors import UserError
+from socarrat.generator import default_device, model_precision
 from socarrat.sampling import Denoise, cfg_denoiser
 from socarrat.sampling.picard import take_rows
 
@@ -53,7 +54,7 @@ class DenoiseActor:
     """One model replica on the GPU (share) Ray gave it, or on the CPU where there is none."""
 
     def __init__(self):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.requests: dict[str, tuple[Denoise, Any]] = {}
 
     def load(self, model: str | torch.nn.Module, digest: str | None) -> None:
@@ -76,8 +77,7 @@ class DenoiseActor:
     @torch.inference_mode()
     def denoise(self, key: str, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         denoise, cond = self.requests[key]
-        # Generator's precision: bf16 autocast on a GPU, exact fp32 on the CPU.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with model_precision(self.device):
             out = denoise(x.to(self.device), t.to(self.device), take_rows(cond, rows.to(self.device)))
         return out.float().cpu()
 
