@@ -74,6 +74,9 @@ class HDiTSpec(_Spec):
     cross_attention_levels: tuple[int, ...] = Field((0, 1), description="levels that read the prompt's tokens")
     mapping_width: int = Field(256, ge=8, multiple_of=2, description="width of the conditioning vector")
     mapping_depth: int = Field(1, ge=0, description="MLP blocks of the mapping network")
+    qk_norm: bool = Field(False, description="cosine-similarity attention, as in the reference HDiT (QK-norm: "
+                          "logits are cosine similarities times a learned per-head scale, bounded whatever the "
+                          "weights do); off by default: on the CPU it scored lower after 1,000 steps (BENCHMARKS.md)")
 
     @property
     def downsampling(self) -> int:

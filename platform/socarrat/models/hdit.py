@@ -62,12 +62,24 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, shift: bool) -> torch.Tensor:
+def cosine_similarity(q: torch.Tensor, k: torch.Tensor,
+                      scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k normalised so that each dot product is their cosine similarity times `scale` (per head,
+    broadcast against their last dim): attention logits stay bounded whatever the weights do (HDiT's
+    cosine-similarity attention, QK-norm; attend with `sdpa(..., scale=1)`). None: q and k as given."""
+    if scale is None:
+        return q, k
+    d = q.shape[-1]  # an RMS-normed vector has length sqrt(d)
+    return (F.rms_norm(q, (d,)) * (scale[..., None] / d)).to(q.dtype), F.rms_norm(k, (d,)).to(k.dtype)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, shift: bool,
+                     scale: float | None = None) -> torch.Tensor:
     """Attention within window x window tiles of a token map (Swin; Liu et al. 2021, arXiv 2103.14030).
 
-    q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d). A window at least the map's size is plain
-    global attention. The map is padded to a multiple of the window; shifted tiles are offset by half
-    a window and wrap around. A token attends to the tokens of its tile that lie within a window of
+    q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d); `scale` multiplies the logits (None: 1/sqrt(d)).
+    A window at least the map's size is plain global attention. The map is padded to a multiple of
+    the window; shifted tiles are offset by half a window and wrap around. A token attends to the tokens of its tile that lie within a window of
     it in the unshifted map: that rules out the padding and the pairs that meet only by wrapping.
     """
     b, h, w = q.shape[:3]
@@ -91,7 +103,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         mask = (near & (real[:, None, :] | ~real[:, :, None])).repeat(b, 1, 1)[:, None]
     heads, d = q.shape[3:]
     q, k, v = (tiles(F.pad(x, (0, 0, 0, 0, 0, pw, 0, ph))).transpose(1, 2) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B * tiles, T, heads, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = out.transpose(1, 2)  # (B * tiles, T, heads, d)
     out = out.reshape(b, nh, nw, wh, ww, heads, d).transpose(2, 3).reshape(b, h + ph, w + pw, heads, d)
     return out.roll((sh, sw), dims=(1, 2))[:, :h, :w]
 
@@ -108,32 +121,41 @@ class AdaRMSNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:]) * (1 + self.linear(cond))[:, None, None]
 
 
+def logit_scale(width: int, head_dim: int, qk_norm: bool) -> nn.Parameter | None:
+    """The learned per-head logit scale of cosine-similarity attention (starts at 10), or None."""
+    return nn.Parameter(torch.full((width // head_dim,), 10.0)) if qk_norm else None
+
+
 class SelfAttention(nn.Module):
     """AdaRMSNorm, then multi-head self-attention with axial RoPE, windowed unless `window` is None."""
 
-    def __init__(self, width: int, head_dim: int, cond_width: int, window: int | None, shift: bool):
+    def __init__(self, width: int, head_dim: int, cond_width: int, window: int | None, shift: bool, qk_norm: bool):
         super().__init__()
         self.head_dim, self.window, self.shift = head_dim, window, shift
         self.norm = AdaRMSNorm(width, cond_width)
         self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.scale = logit_scale(width, head_dim, qk_norm)
         self.out = zero_init(nn.Linear(width, width, bias=False))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(self.norm(x, cond)).view(b, h, w, 3, c // self.head_dim, self.head_dim).unbind(3)
-        out = window_attention(rotate(q, angles), rotate(k, angles), v, self.window or max(h, w), self.shift)
+        q, k = cosine_similarity(q, k, self.scale)
+        out = window_attention(rotate(q, angles), rotate(k, angles), v, self.window or max(h, w), self.shift,
+                               None if self.scale is None else 1.0)
         return x + self.out(out.reshape(b, h, w, c))
 
 
 class CrossAttention(nn.Module):
     """AdaRMSNorm, then attention from every token to the prompt's (unpadded) tokens."""
 
-    def __init__(self, width: int, head_dim: int, cond_width: int, text_width: int):
+    def __init__(self, width: int, head_dim: int, cond_width: int, text_width: int, qk_norm: bool):
         super().__init__()
         self.head_dim = head_dim
         self.norm = AdaRMSNorm(width, cond_width)
         self.q = nn.Linear(width, width, bias=False)
         self.kv = nn.Linear(text_width, 2 * width, bias=False)
+        self.scale = logit_scale(width, head_dim, qk_norm)
         self.out = zero_init(nn.Linear(width, width, bias=False))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, text: TextEncoding) -> torch.Tensor:
@@ -141,7 +163,9 @@ class CrossAttention(nn.Module):
         heads = c // self.head_dim
         q = self.q(self.norm(x, cond)).view(b, h * w, heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(text.tokens.to(q.dtype)).view(b, -1, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text.mask[:, None, None, :])
+        q, k = cosine_similarity(q, k, None if self.scale is None else self.scale[:, None])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text.mask[:, None, None, :],
+                                             scale=None if self.scale is None else 1.0)
         return x + self.out(out.transpose(1, 2).reshape(b, h, w, c))
 
 
@@ -163,10 +187,10 @@ class TransformerLayer(nn.Module):
     """Self-attention, cross-attention to the prompt (where `cross`), feed-forward; all residual."""
 
     def __init__(self, width: int, head_dim: int, cond_width: int, text_width: int, window: int | None,
-                 shift: bool, cross: bool):
+                 shift: bool, cross: bool, qk_norm: bool):
         super().__init__()
-        self.attn = SelfAttention(width, head_dim, cond_width, window, shift)
-        self.cross = CrossAttention(width, head_dim, cond_width, text_width) if cross else None
+        self.attn = SelfAttention(width, head_dim, cond_width, window, shift, qk_norm)
+        self.cross = CrossAttention(width, head_dim, cond_width, text_width, qk_norm) if cross else None
         self.ff = FeedForward(width, cond_width)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, angles: torch.Tensor, text: TextEncoding) -> torch.Tensor:
@@ -209,7 +233,8 @@ class HDiT(nn.Module):
         def level(lv: int) -> nn.ModuleList:  # one pass through level lv; odd layers shift their windows
             window, cross = None if lv == top else hs.window, lv in hs.cross_attention_levels
             return nn.ModuleList(
-                TransformerLayer(widths[lv], hs.head_dim, hs.mapping_width, text_width, window, i % 2 == 1, cross)
+                TransformerLayer(widths[lv], hs.head_dim, hs.mapping_width, text_width, window, i % 2 == 1, cross,
+                                 hs.qk_norm)
                 for i in range(hs.depths[lv])
             )
 
