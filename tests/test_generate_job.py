@@ -203,6 +203,20 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
         massgen.claim_output(out, SETTINGS.model_copy(update={"spec": SamplerSpec(steps=3)}))
 
 
+def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(tmp_path, store_uri):
+    """Some S3-compatible servers ignore If-None-Match: two runs would both win job.json and the lease."""
+
+    class LastWriterWins(storage.LocalStore):
+        def put_bytes(self, key, data, *, if_absent=False):
+            return super().put_bytes(key, data)
+
+    massgen.claim_output(storage.open_store(store_uri), SETTINGS)  # the local folder and the S3 API server
+    store = LastWriterWins(str(tmp_path / "out"))
+    with pytest.raises(UserError, match="does not support conditional writes"):
+        massgen.claim_output(store, SETTINGS)
+    assert store.list() == []  # the probe is gone, and job.json was never written
+
+
 def lease(run_id="other", host=None, pid=None, age_s=0.0):
     now = time.time()
     return massgen.Lease(run_id=run_id, host=host or socket.gethostname(), pid=pid or os.getpid(),

@@ -25,7 +25,8 @@ Exactly once. A shard is done when its manifest part exists; nothing else counts
 its two uploads), (3) orders the tasks not done by (sampler spec, key) and cuts them into shards of
 `shard_size`, each named by a digest of its keys, (4) publishes each shard tar first, manifest
 last, both first-writer-wins, so a retried or duplicated attempt changes nothing once one attempt
-has published. A key lands in at most one done shard, since done keys are never planned again and a
+has published (a run checks first that the store lets only the first writer win:
+`check_first_writer_wins`). A key lands in at most one done shard, since done keys are never planned again and a
 plan holds each key once, and in at least one, since every key not done is planned. Removing whole
 shards from the order and cutting again gives back the other shards (all but the last are full), so
 a rerun of the same command gives each unfinished shard its old name.
@@ -36,7 +37,7 @@ lease left by a process of this host that is gone, or one of another host that s
 LEASE_STALE_S by the new run's own clock (hosts' clocks may disagree), belongs to a run that died
 and is taken over; any other lease makes the new run stop with an error naming the holder. A run
 whose lease was taken over all the same (it stalled that long) publishes nothing more
-(`check_lease`). (Two runs that find the same stale lease at the same instant can both take it
+(`check_lease`, before each tar and again before its manifest part). (Two runs that find the same stale lease at the same instant can both take it
 over; S3 offers no compare-and-delete that would close that window.)
 """
 
@@ -53,6 +54,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -272,9 +274,27 @@ def _unique_tasks(valid: list[tuple[list[ImageTask], str, str]]) -> tuple[dict[s
     return tasks, duplicates, clashes
 
 
+def check_first_writer_wins(store: storage.Store) -> None:
+    """UserError unless `store` refuses a conditional write to a key that exists. The exactly-once
+    protocol rests on it (job.json, lease.json, tars and manifest parts), and an S3-compatible server
+    that ignores If-None-Match would let two runs both win, silently."""
+    probe = f"probe-{uuid.uuid4().hex}.tmp"
+    store.put_bytes(probe, b"", if_absent=True)
+    try:
+        overwritten = store.put_bytes(probe, b"", if_absent=True)
+    finally:
+        store.delete(probe)
+    if overwritten:
+        raise UserError(f"{store.uri} accepted a conditional write (If-None-Match: *) over an object that "
+                        "exists: its server does not support conditional writes, which exactly-once output "
+                        "needs; write to AWS S3 or another server that does, or to a local folder")
+
+
 def claim_output(store: storage.Store, settings: RunSettings) -> None:
-    """Record `settings` as job.json under `store`, or check that they match the recorded ones.
-    Being the run's first write, it also tells an unwritable --out before any work starts."""
+    """Record `settings` as job.json under `store`, or check that they match the recorded ones;
+    first checks that the store lets only the first writer of a key win. Being the run's first
+    writes, they also tell an unwritable --out before any work starts."""
+    check_first_writer_wins(store)
     if store.put_bytes(JOB, settings.model_dump_json(indent=2).encode(), if_absent=True):
         return
     recorded = RunSettings.model_validate_json(store.get_bytes(JOB))
