@@ -94,14 +94,16 @@ def test_killed_actor_fails_the_request_and_the_group_recovers(group, tiny_model
 
 
 def test_a_dead_actor_is_found_behind_another_actors_own_error(group, tiny_model):
-    """An actor's own error must not hide a dead actor after it, or the group would not restart that
-    one and the next request would fail too. (Ray 2.60's `ray.get` raises the death first whatever
-    the order; the group relies on it.)"""
+    """`ray.get` raises the first error to arrive: an actor's own error (out of memory, say) that comes
+    before another actor's death must not hide it, or the group would not restart that one and the
+    next request would fail too."""
     victim = group.actors[1]
-    ray.kill(victim, no_restart=True)
     args = (torch.zeros(1, 3, 32, 32), torch.tensor([0]), torch.tensor([0]))
+    own_error = group.actors[0].denoise.remote("no such request", *args)
+    ray.wait([own_error])  # its error has arrived ...
+    ray.kill(victim, no_restart=True)  # ... before the death
     with pytest.raises(WorkerLostError, match=r"actor\(s\) \[1\] of 2 died"):
-        group._gather([group.actors[0].denoise.remote("no such request", *args), victim.denoise.remote("x", *args)])
+        group._gather([own_error, victim.denoise.remote("x", *args)])
     assert_recovered(group, tiny_model, victim)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from socarrat.errors import UserError
 from socarrat.generator import default_device, model_precision
@@ -173,14 +173,18 @@ class PicardGroup:
         """Every result, or WorkerLostError naming the actors that died (results are all or nothing)."""
         try:
             return ray.get(refs)
-        except RayActorError as err:
+        except RayError as err:  # the first error to arrive: an actor's own may come before another's death
+            died = []
             for i, ref in enumerate(refs):
                 try:
                     ray.get(ref)
                 except RayActorError:
-                    self._lost.add(i)
-                except Exception:  # another actor's own error (out of memory, say): it lives, and the request fails
+                    died.append(i)
+                except Exception:  # an actor's own error (out of memory, say): it lives, and the request fails
                     pass
+            if not died:
+                raise
+            self._lost.update(died)
             raise WorkerLostError(
                 f"Picard actor(s) {sorted(self._lost)} of {len(self.actors)} died while sampling; this request "
                 "produced no image: retry it (the group restarts lost actors before the next request)"
