@@ -73,6 +73,23 @@ def test_a_shard_that_cannot_be_read_is_an_error_not_a_corrupt_tar(tmp_path, mon
     assert stats == {}
 
 
+def test_no_damaged_byte_of_a_gzipped_shard_stops_the_reader(tmp_path):
+    """tarfile opens compressed tars too; gzip's own damage errors are OSErrors (BadGzipFile)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for i in range(3):
+            data = bytes((j * 7 + i) % 251 for j in range(3000))
+            info = tarfile.TarInfo(f"k{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    for pos in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[pos] ^= 0xFF
+        (tmp_path / "s.tar").write_bytes(damaged)
+        assert len(list(read_shard(str(tmp_path / "s.tar"), {}))) <= 3
+
+
 def test_read_shard_drops_the_sample_a_damaged_tar_cuts(tmp_path):
     store = storage.open_store(str(tmp_path))
     write_shard(store, "s.tar", [("k1", {"txt": b"k1", "json": b"{}"}), ("k2", {"txt": b"k2", "json": b" " * 5000})])

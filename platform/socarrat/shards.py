@@ -88,9 +88,9 @@ def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample
     is dropped, since some of its members may be missing."""
     stats = stats if stats is not None else {}
     current: Sample | None = None
-    data = storage.read_bytes(uri)  # a failed read is an error to report, not a damaged shard
+    raw = storage.read_bytes(uri)  # a failed read is an error to report, not a damaged shard
     try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -103,7 +103,7 @@ def read_shard(uri: str, stats: dict[str, int] | None = None) -> Iterator[Sample
                     current = None
                 current = current or (key, {})
                 current[1][ext] = data
-    except (tarfile.TarError, EOFError):
+    except (tarfile.TarError, EOFError, OSError):  # OSError: a damaged compressed tar (BadGzipFile)
         stats["corrupt"] = stats.get("corrupt", 0) + 1
         return
     if current:
