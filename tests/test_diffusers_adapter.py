@@ -239,6 +239,8 @@ def test_a_damaged_or_unsupported_pipeline_is_one_line_before_any_weights_are_re
         Generator.load(damaged("model_index.json", "{"), device="cpu")
     with pytest.raises(UserError, match="unet/config.json is not valid JSON"):
         Generator.load(damaged("unet/config.json", "{"), device="cpu")
+    with pytest.raises(UserError, match="vae/config.json is not a JSON object"):
+        Generator.load(damaged("vae/config.json", "[]"), device="cpu")
     with pytest.raises(UserError, match="cannot load the 'text_encoder'"):
         Generator.load(damaged("text_encoder/model.safetensors", "not weights"), device="cpu")
     inpainting = damaged("unet/diffusion_pytorch_model.safetensors", "not weights")  # never read: the config refuses

@@ -219,7 +219,7 @@ class Generator:
         shape = self.image_shape(spec)
         negatives = request.negative_prompts or [""] * len(request.prompts)
         t0 = time.perf_counter()
-        with self._autocast():
+        with model_precision(self.device):
             cond = (self.model.encode(request.prompts), self.model.encode(negatives))
             if blend is not None:
                 cond = (blend.apply(cond[0], self.model.encode(blend.prompts)), cond[1])
@@ -286,6 +286,3 @@ class Generator:
         x = torch.where(keep, known, x)
         return (x, remaining, make_token_step(remaining, spec.temperature, edit.start_step), noises[edit.start_step:],
                 constrain(denoise), (known, keep, cond))
-
-    def _autocast(self):
-        return model_precision(self.device)

@@ -276,8 +276,8 @@ def _unique_tasks(valid: list[tuple[list[ImageTask], str, str]]) -> tuple[dict[s
 
 def check_first_writer_wins(store: storage.Store) -> None:
     """UserError unless `store` refuses a conditional write to a key that exists. The exactly-once
-    protocol rests on it (job.json, lease.json, tars and manifest parts), and an S3-compatible server
-    that ignores If-None-Match would let two runs both win, silently."""
+    protocol rests on it (job.json, lease.json and manifest parts, single puts like the probe's), and
+    an S3-compatible server that ignores If-None-Match would let two runs both win, silently."""
     probe = f"probe-{uuid.uuid4().hex}.tmp"
     store.put_bytes(probe, b"", if_absent=True)
     try:

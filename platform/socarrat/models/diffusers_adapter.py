@@ -186,9 +186,12 @@ def _config(path: Path, component: str) -> dict:
 
 def _read_json(file: Path) -> dict:
     try:
-        return json.loads(file.read_text())
+        value = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file} is not a JSON object")
+    return value
 
 
 def _component(path: Path, index: dict, name: str):

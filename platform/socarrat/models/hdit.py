@@ -64,9 +64,10 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 def cosine_similarity(q: torch.Tensor, k: torch.Tensor,
                       scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k normalised so that each dot product is their cosine similarity times `scale` (per head,
-    broadcast against their last dim): attention logits stay bounded whatever the weights do (HDiT's
-    cosine-similarity attention, QK-norm; attend with `sdpa(..., scale=1)`). None: q and k as given."""
+    """q and k normalised so that each dot product is their cosine similarity times `scale` (one per
+    head, shaped to broadcast against q without its last dim): attention logits stay bounded whatever
+    the weights do (HDiT's cosine-similarity attention, QK-norm; attend with `sdpa(..., scale=1)`).
+    None: q and k as given."""
     if scale is None:
         return q, k
     d = q.shape[-1]  # an RMS-normed vector has length sqrt(d)
