@@ -26,8 +26,9 @@ its two uploads), (3) orders the tasks not done by (sampler spec, key) and cuts 
 `shard_size`, each named by a digest of its keys, (4) publishes each shard tar first, manifest
 last, both first-writer-wins, so a retried or duplicated attempt changes nothing once one attempt
 has published (a run checks first that the store lets only the first writer win:
-`check_first_writer_wins`). A key lands in at most one done shard, since done keys are never planned again and a
-plan holds each key once, and in at least one, since every key not done is planned. Removing whole
+`check_first_writer_wins`). A key lands in at most one done shard, since done keys are never
+planned again and a plan holds each key once, and in at least one, since every key not done is
+planned. Removing whole
 shards from the order and cutting again gives back the other shards (all but the last are full), so
 a rerun of the same command gives each unfinished shard its old name.
 
@@ -37,8 +38,9 @@ lease left by a process of this host that is gone, or one of another host that s
 LEASE_STALE_S by the new run's own clock (hosts' clocks may disagree), belongs to a run that died
 and is taken over; any other lease makes the new run stop with an error naming the holder. A run
 whose lease was taken over all the same (it stalled that long) publishes nothing more
-(`check_lease`, before each tar and again before its manifest part). (Two runs that find the same stale lease at the same instant can both take it
-over; S3 offers no compare-and-delete that would close that window.)
+(`check_lease`, before each tar and again before its manifest part). (Two runs that find the same
+stale lease at the same instant can both take it over; S3 offers no compare-and-delete that would
+close that window.)
 """
 
 from __future__ import annotations
@@ -218,11 +220,12 @@ def check_prompt_column(checked: Sequence[Mapping[str, str]]) -> None:
         elif (names := columns.setdefault(path, set())) is not None:
             names.update(source.keys() - {"path"})
     for path, names in columns.items():
-        if names is not None and "prompt" in names:
+        if names is None:
+            continue
+        if "prompt" in names:
             raise UserError(f"no row of {path} has a prompt: its `prompt` column is empty in every row")
-        if names is not None:
-            raise UserError(f"no row of {path} has a prompt; its columns are {', '.join(sorted(names)) or 'none'}; "
-                            "name the prompt column `prompt`")
+        raise UserError(f"no row of {path} has a prompt; its columns are {', '.join(sorted(names)) or 'none'}; "
+                        "name the prompt column `prompt`")
 
 
 @dataclass

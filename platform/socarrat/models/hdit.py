@@ -64,23 +64,22 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 def cosine_similarity(q: torch.Tensor, k: torch.Tensor,
                       scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k normalised so that each dot product is their cosine similarity times `scale` (one per
-    head, shaped to broadcast against q without its last dim): attention logits stay bounded whatever
-    the weights do (HDiT's cosine-similarity attention, QK-norm; attend with `sdpa(..., scale=1)`).
-    None: q and k as given."""
+    """q and k normalised so that attention's logits (sdpa's default 1/sqrt(d) included) are their
+    cosine similarities times `scale` (one per head, shaped to broadcast against q without its last
+    dim): bounded whatever the weights do (HDiT's cosine-similarity attention, QK-norm). None: q and
+    k as given."""
     if scale is None:
         return q, k
-    d = q.shape[-1]  # an RMS-normed vector has length sqrt(d)
-    return (F.rms_norm(q, (d,)) * (scale[..., None] / d)).to(q.dtype), F.rms_norm(k, (d,)).to(k.dtype)
+    d = q.shape[-1]  # an RMS-normed vector has length sqrt(d): q.k / sqrt(d) = scale * cos
+    return (F.rms_norm(q, (d,)) * (scale[..., None] / d**0.5)).to(q.dtype), F.rms_norm(k, (d,)).to(k.dtype)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, shift: bool,
-                     scale: float | None = None) -> torch.Tensor:
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, shift: bool) -> torch.Tensor:
     """Attention within window x window tiles of a token map (Swin; Liu et al. 2021, arXiv 2103.14030).
 
-    q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d); `scale` multiplies the logits (None: 1/sqrt(d)).
-    A window at least the map's size is plain global attention. The map is padded to a multiple of
-    the window; shifted tiles are offset by half a window and wrap around. A token attends to the tokens of its tile that lie within a window of
+    q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d). A window at least the map's size is plain
+    global attention. The map is padded to a multiple of the window; shifted tiles are offset by half
+    a window and wrap around. A token attends to the tokens of its tile that lie within a window of
     it in the unshifted map: that rules out the padding and the pairs that meet only by wrapping.
     """
     b, h, w = q.shape[:3]
@@ -104,8 +103,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         mask = (near & (real[:, None, :] | ~real[:, :, None])).repeat(b, 1, 1)[:, None]
     heads, d = q.shape[3:]
     q, k, v = (tiles(F.pad(x, (0, 0, 0, 0, 0, pw, 0, ph))).transpose(1, 2) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    out = out.transpose(1, 2)  # (B * tiles, T, heads, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B * tiles, T, heads, d)
     out = out.reshape(b, nh, nw, wh, ww, heads, d).transpose(2, 3).reshape(b, h + ph, w + pw, heads, d)
     return out.roll((sh, sw), dims=(1, 2))[:, :h, :w]
 
@@ -142,8 +140,7 @@ class SelfAttention(nn.Module):
         b, h, w, c = x.shape
         q, k, v = self.qkv(self.norm(x, cond)).view(b, h, w, 3, c // self.head_dim, self.head_dim).unbind(3)
         q, k = cosine_similarity(q, k, self.scale)
-        out = window_attention(rotate(q, angles), rotate(k, angles), v, self.window or max(h, w), self.shift,
-                               None if self.scale is None else 1.0)
+        out = window_attention(rotate(q, angles), rotate(k, angles), v, self.window or max(h, w), self.shift)
         return x + self.out(out.reshape(b, h, w, c))
 
 
@@ -165,8 +162,7 @@ class CrossAttention(nn.Module):
         q = self.q(self.norm(x, cond)).view(b, h * w, heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(text.tokens.to(q.dtype)).view(b, -1, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = cosine_similarity(q, k, None if self.scale is None else self.scale[:, None])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text.mask[:, None, None, :],
-                                             scale=None if self.scale is None else 1.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text.mask[:, None, None, :])
         return x + self.out(out.transpose(1, 2).reshape(b, h, w, c))
 
 
