@@ -33,7 +33,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from socarrat import storage
-from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, SamplerSpec
+from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, Precision, SamplerSpec
 from socarrat.errors import UserError
 from socarrat.generator import DEFAULT_STEPS, OWN_SAMPLER, Edit, Generator, Result, picard_totals, read_image
 from socarrat.parallel import PicardGroup, WorkerLostError
@@ -58,6 +58,8 @@ class AppArgs(BaseModel):
                                "response_format=url on S3 (local folders answer file:// URIs)")
     num_gpus: float = Field(1, ge=0, description="per model replica; fractions share one GPU's memory")
     num_cpus: float = Field(1, ge=0, description="per model replica; also torch's CPU threads")
+    precision: Precision = Field("auto", description="what model calls compute in: auto = bf16 on a GPU, fp32 "
+                                 "on the CPU; bf16 is faster on CPUs with AMX")
     max_n: int = Field(4, ge=1, description="images per request")
     max_size_px: int = Field(512, ge=8, description="largest width or height")
     max_steps: int = Field(1000, ge=1, description="sampler steps per request")
@@ -305,8 +307,8 @@ def _at_most(value: float, cap: float, what: str) -> float:
 
 
 class GenerationMetadata(BaseModel):
-    """How a request's images were made: model, sampler spec, mode (sequential, Picard, or
-    sequential because the replica was busy), timings (seconds; batch_size = images per model call),
+    """How a request's images were made: model, sampler spec, precision of the model calls, mode
+    (sequential, Picard, or sequential because the replica was busy), timings (seconds; batch_size = images per model call),
     for Picard the request's rounds (its slowest image's) and model evaluations (its images'
     states evaluated, however many other requests shared the call), and whether the prompt or the
     negative prompt was longer than the model's text context (its end not used)."""
@@ -317,6 +319,7 @@ class GenerationMetadata(BaseModel):
     model_digest: str
     mode: Mode
     spec: SamplerSpec
+    precision: Literal["bf16", "fp32"]
     timings: dict[str, float | int]
     picard: dict[str, int] | None = None
     prompt_truncated: bool
@@ -388,14 +391,14 @@ class ImageModel:
     """
 
     def __init__(self, args: AppArgs):
-        self.generator = Generator.load(args.model_uri)
+        self.generator = Generator.load(args.model_uri, precision=args.precision)
         spec = self.generator.spec
         self.card = ModelCard(id=self.generator.name, created=int(time.time()), digest=self.generator.digest,
                               size_px=spec.size_px, downsampling=self.generator.pixel_multiple, family=spec.family,
                               max_steps=spec.train_timesteps)
         # The actors load the replica's checkpoint by name, checked by digest; they die with the replica.
         self.group = PicardGroup(self.generator.name, args.picard_actors, args.picard_gpus_per_actor,
-                                 digest=self.generator.digest) if args.picard_actors else None
+                                 digest=self.generator.digest, precision=args.precision) if args.picard_actors else None
         self.args = args
         self.ongoing = 0
         self.queue: deque[_Job] = deque()
@@ -484,7 +487,7 @@ class ImageModel:
             mine, results = results[:len(job.request.prompts)], results[len(job.request.prompts):]
             answers.append(Generated(mine, GenerationMetadata(
                 model=self.card.id, model_digest=self.card.digest, mode=job.mode,
-                spec=SamplerSpec.model_validate(mine[0].metadata["spec"]),
+                spec=SamplerSpec.model_validate(mine[0].metadata["spec"]), precision=mine[0].metadata["precision"],
                 timings={**mine[0].metadata["timings"], "queue_s": started - job.arrived_s},
                 picard=picard_totals(mine), prompt_truncated=mine[0].metadata["prompt_truncated"],
                 negative_prompt_truncated=mine[0].metadata["negative_prompt_truncated"])))

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.cli import add_sampler_flags, check_at_least, one_line, sampler_spec
+from socarrat.cli import add_precision_flag, add_sampler_flags, check_at_least, one_line, sampler_spec
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, evaluation_prompts, overall, score
 from socarrat.errors import UserError
@@ -79,7 +79,8 @@ def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, nu
     position_kinds = {kind: {"accuracy": float(np.mean(p)) if p else None, "images": len(p)} for kind, p in kinds.items()}
     pick = np.random.default_rng(0).choice(len(rows), min(sheet_size, len(rows)), replace=False)
     sheet = contact_sheet([images[i] for i in pick], [rows[i]["prompt"] for i in pick], [rows[i]["passed"] for i in pick])
-    summary = {"model": generator.name, "model_digest": generator.digest, "spec": spec.model_dump(), "images": len(rows),
+    summary = {"model": generator.name, "model_digest": generator.digest, "spec": spec.model_dump(),
+               "precision": generator.precision, "device": generator.device.type, "images": len(rows),
                "wall_s": round(wall_s, 2), "images_per_s": round(len(rows) / wall_s, 2), "scores": scores,
                "stderr": stderr, "position_kinds": position_kinds}
     return {"summary": summary, "rows": rows, "sheet": sheet}
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", default=None, help="an earlier report (its --out) on the same prompts and seeds: "
                    "also print and record the paired difference from it")
     add_sampler_flags(p)
+    add_precision_flag(p)
     args = p.parse_args(argv)
     try:
         spec = sampler_spec(args)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluation_prompts(args.prompts)  # at most 515: the held-out captions there are, checked before the model loads
         earlier = read_rows(args.against) if args.against else None
         storage.check_writable(args.out)
-        report = evaluate(Generator.load(args.model), spec, args.prompts, args.seeds, args.batch_size)
+        report = evaluate(Generator.load(args.model, precision=args.precision), spec, args.prompts, args.seeds, args.batch_size)
         if earlier is not None:
             report["summary"]["paired_against"] = {"report": args.against, **paired_difference(report["rows"], earlier)}
         write_report(report, args.out)

@@ -44,9 +44,9 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from socarrat import massgen, shards, storage
-from socarrat.cli import add_sampler_flags, one_line, sampler_spec
+from socarrat.cli import add_precision_flag, add_sampler_flags, one_line, sampler_spec
 from socarrat.checkpoint import describe_checkpoint
-from socarrat.config import SamplerSpec, check_size
+from socarrat.config import Precision, SamplerSpec, check_size
 from socarrat.errors import UserError
 from socarrat.generator import Generator, resolve_spec
 
@@ -74,6 +74,8 @@ class GenerateJob(BaseModel):
         "fractions allowed; None: 1 if the cluster has GPUs at the start, else 0 (on a cluster that "
         "adds GPU workers on demand, give it)"))
     num_cpus_per_worker: float = Field(1, gt=0)
+    precision: Precision = Field("auto", description="what model calls compute in: auto = bf16 on a GPU, fp32 on "
+                                 "the CPU; bf16 is faster on CPUs with AMX")
     min_workers: int = Field(1, ge=1)
     max_workers: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
 
@@ -87,8 +89,9 @@ class GenerateJob(BaseModel):
 class ShardMaker:
     """A pool actor: loads the model once, then renders and publishes one shard per call."""
 
-    def __init__(self, model: str | None, out: str, run_id: str, batch_size: int, exit_marker: str | None, digest: str):
-        self.generator = Generator.load(model)
+    def __init__(self, model: str | None, out: str, run_id: str, batch_size: int, exit_marker: str | None, digest: str,
+                 precision: Precision = "auto"):
+        self.generator = Generator.load(model, precision=precision)
         # The checkpoint replaced at its URI since the driver read it, or another one at the same
         # local path on this node, would give images that job.json and the manifest do not describe.
         if self.generator.digest != digest:
@@ -260,7 +263,8 @@ def _shard_pool(job: GenerateJob, digest: str, run_id: str,
             num_gpus=num_gpus,
             num_cpus=job.num_cpus_per_worker,
             fn_constructor_kwargs={"model": job.model, "out": job.out, "run_id": run_id, "batch_size": job.batch_size,
-                                   "exit_marker": os.environ.get(_ACTOR_EXIT), "digest": digest},
+                                   "exit_marker": os.environ.get(_ACTOR_EXIT), "digest": digest,
+                                   "precision": job.precision},
         )
     return made.iter_rows()
 
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help=fields["out"].description)
     p.add_argument("--model", default=None, help=fields["model"].description)
     add_sampler_flags(p)
+    add_precision_flag(p)
     for name, kind in [("images_per_prompt", int), ("seed_base", int), ("batch_size", int), ("shard_size", int),
                        ("min_workers", int), ("max_workers", int), ("num_gpus_per_worker", float),
                        ("num_cpus_per_worker", float)]:

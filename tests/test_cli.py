@@ -31,6 +31,16 @@ def test_generate_writes_png_with_parameters(tmp_path, model_dir):
     assert meta["seed"] == 4 and meta["spec"]["sampler"] == "ddpm"
 
 
+def test_generate_precision_flag(tmp_path, model_dir, capsys):
+    out = tmp_path / "bf16.png"
+    assert main(["generate", "--prompt", "a red circle", "--steps", "2", "--precision", "bf16", "--model", model_dir,
+                 "--out", str(out)]) == 0
+    assert json.loads(Image.open(out).text["socarrat"])["precision"] == "bf16"
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--prompt", "a red circle", "--precision", "fp16", "--out", str(out)])
+    assert exit_.value.code == 2 and "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def test_generate_warns_when_the_prompt_is_cut(tmp_path, model_dir, capsys):
     long = "a red circle " + "and a blue square " * 8  # more than the model's 24 tokens
     assert main(["generate", "--prompt", long, "--steps", "1", "--model", model_dir, "--out", str(tmp_path / "a.png")]) == 0

@@ -495,16 +495,17 @@ def test_a_killed_run_then_a_rerun_ends_with_each_image_once(ray_session, model_
     assert Counter(key for k in tars for key, _ in read_shard(store.url(k))) == Counter(keys)
 
 
-def test_a_token_model_runs_through_the_same_job(ray_session, tiny_token_checkpoint, tmp_path):
+def test_a_token_model_runs_through_the_same_job_in_the_precision_asked(ray_session, tiny_token_checkpoint, tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")
     out = str(tmp_path / "out")
     summary = run(GenerateJob(prompts=str(tmp_path / "p.txt"), out=out, model=tiny_token_checkpoint,
-                              spec=SamplerSpec(steps=4), batch_size=2, shard_size=4, max_workers=1))
+                              spec=SamplerSpec(steps=4), batch_size=2, shard_size=4, max_workers=1, precision="bf16"))
     assert summary["images_generated"] == 2
     manifest = pq.read_table(str(Path(out, "manifest"))).to_pylist()
     assert {(r["sampler"], r["steps"]) for r in manifest} == {("paella", 4)}
     samples = {key: members for uri in Path(out, "shards").glob("*.tar") for key, members in read_shard(str(uri))}
-    reference = Generator.load(tiny_token_checkpoint, device="cpu")
+    assert {json.loads(members["json"])["precision"] for members in samples.values()} == {"bf16"}
+    reference = Generator.load(tiny_token_checkpoint, device="cpu", precision="bf16")
     for row in manifest:
         [want] = reference.generate([row["prompt"]], [row["seed"]], SamplerSpec(steps=4))
         # The same tokens, up to a rare flip: another thread count or batch can move a logit by ~1e-5,

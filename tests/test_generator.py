@@ -83,6 +83,21 @@ def test_bad_sampler_spec(field, value):
         SamplerSpec(**{field: value})
 
 
+def test_precision_auto_is_fp32_on_the_cpu_and_bf16_runs_the_model_calls_in_bf16(tiny_model):
+    from socarrat.generator import Generator
+
+    spec, made = SamplerSpec(steps=4), {}
+    for precision in ("auto", "fp32", "bf16"):
+        [r] = Generator(tiny_model, "0" * 64, "tiny-test", "cpu", precision).generate(["a red circle"], [3], spec)
+        made[precision] = (np.asarray(r.image).astype(int), r.metadata["precision"])
+    assert [made[p][1] for p in ("auto", "fp32", "bf16")] == ["fp32", "fp32", "bf16"]
+    assert np.array_equal(made["auto"][0], made["fp32"][0])
+    diff = made["bf16"][0] - made["fp32"][0]
+    assert diff.any() and np.sqrt(np.mean(diff**2)) < 8  # the same image, a few uint8 steps off
+    with pytest.raises(UserError, match="precision 'fp16': use one of auto, fp32, bf16"):
+        Generator(tiny_model, "0" * 64, "tiny-test", "cpu", "fp16")
+
+
 def test_load_default_model_and_a_bad_name():
     from socarrat.generator import Generator
 

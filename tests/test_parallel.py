@@ -15,6 +15,7 @@ from ray.exceptions import RayActorError
 from socarrat import parallel
 from socarrat.checkpoint import save_checkpoint
 from socarrat.config import SamplerSpec
+from socarrat.errors import UserError
 from socarrat.generator import Edit
 from socarrat.parallel import PicardGroup, WorkerLostError, split
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step
@@ -159,6 +160,23 @@ def test_generator_on_the_group_equals_in_process(group, tiny_generator):
     stats = [r.metadata["picard"] for r in there]  # each image's own
     assert 1 < max(s["rounds"] for s in stats) == len(rows) <= STEPS
     assert sum(rows) == sum(s["evaluations"] for s in stats)  # every evaluation ran on the group
+
+
+def test_a_bf16_group_computes_in_bf16_as_a_bf16_generator_does(group, tiny_model):
+    from socarrat.generator import Generator
+
+    lone = PicardGroup(tiny_model, actors=1, num_cpus_per_actor=0, precision="bf16")
+    prompts, seeds, spec = ["a red circle", "two blue squares"], [1, 2], SamplerSpec(sampler="ddim", steps=STEPS)
+
+    def made(precision: str, denoiser=None) -> list[np.ndarray]:
+        gen = Generator(tiny_model, "0" * 64, "tiny", "cpu", precision)
+        return [pixels(r) for r in gen.generate(prompts, seeds, spec, denoiser=denoiser)]
+
+    there, here, fp32 = made("bf16", lone.conditioned), made("bf16"), made("fp32")
+    assert max(np.abs(a - b).max() for a, b in zip(there, here)) <= 1  # float rounding: the same bf16 calls
+    assert max(np.abs(a - b).max() for a, b in zip(fp32, here)) > 1  # what fp32 model calls on the actor would give
+    with pytest.raises(UserError, match="precision 'half'"):
+        PicardGroup(tiny_model, actors=1, precision="half")
 
 
 def test_token_edit_on_the_group_equals_in_process(token_group, token_generator):

@@ -181,6 +181,7 @@ def test_openai_client_gets_pngs_with_seeds_and_metadata(main: Served):
     assert meta["mode"] == "sequential" and meta["spec"]["steps"] == 3 and meta["spec"]["width_px"] == 32
     assert meta["timings"]["batch_size"] == 2 and meta["timings"]["total_s"] >= meta["timings"]["sample_s"] > 0
     assert (meta["prompt_truncated"], meta["negative_prompt_truncated"]) == (False, True)
+    assert meta["precision"] == "fp32"  # auto, on the CPU
     [model] = client.models.list().data
     assert model.id == meta["model"] and model.model_extra["digest"] == meta["model_digest"]
     assert requests.get(f"{main.base}/healthz").json() == {"status": "ok", "model": model.id}
@@ -536,6 +537,16 @@ def test_builder_args_from_the_command_line_are_validated():
         AppArgs.model_validate({"max_n": "32"})
     with pytest.raises(ValueError, match="num_gpu"):
         AppArgs.model_validate({"num_gpu": "0"})
+    with pytest.raises(ValueError, match="precision"):
+        AppArgs.model_validate({"precision": "fp16"})
+
+
+def test_a_bf16_replica_computes_and_reports_bf16(tiny_checkpoint: str):
+    replica = ImageModel.func_or_class(AppArgs(model_uri=tiny_checkpoint, num_gpus=0, precision="bf16"))
+    spec = SamplerSpec(steps=3)
+    [answer] = replica._run(spec, [_Job(GenerationRequest(prompts=["a red circle"], seeds=[1], spec=spec),
+                                        "sequential", 0.0, answer=None)])
+    assert answer.metadata.precision == "bf16" and replica.generator.precision == "bf16"
 
 
 def _wait_until_deployed(name: str, timeout_s: float = 150) -> ApplicationStatus:

@@ -44,6 +44,14 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--renoise-steps", type=int, help="paella: steps followed by re-noising (default: all but the last)")
 
 
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    """--precision, shared by every command that loads a model to sample with."""
+    from socarrat.config import PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="what model calls compute in: "
+                        "auto = bf16 on a GPU, fp32 on the CPU; bf16 is faster on CPUs with AMX (default: auto)")
+
+
 def sampler_spec(args: argparse.Namespace):
     """The SamplerSpec of the sampler flags given; the rest keep SamplerSpec's defaults. UserError for
     Picard's flags without --picard, which would be ignored (the model's sampler checks the others)."""
@@ -86,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     spec = sampler_spec(args)  # validate flags before loading anything
     _check_out(args.out)
-    gen = Generator.load(args.model)
+    gen = Generator.load(args.model, precision=args.precision)
     [result] = gen.generate([args.prompt], [args.seed], spec, [args.negative_prompt], progress=True)
     _save(result, args)
 
@@ -111,7 +119,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         raise UserError("edit makes an image of --image's size (grown by --outpaint): leave out --height-px "
                         "and --width-px")
     spec = sampler_spec(args).model_copy(update={"height_px": image.height, "width_px": image.width})
-    gen = Generator.load(args.model)
+    gen = Generator.load(args.model, precision=args.precision)
     edit = Edit([image], [mask] if mask else None, args.start_step)
     [result] = gen.generate([args.prompt], [args.seed], spec, [args.negative_prompt], progress=True, edit=edit)
     _save(result, args)
@@ -149,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="bundled name, checkpoint dir or s3:// prefix")
     gen.add_argument("--out", required=True, help="output .png path")
     add_sampler_flags(gen)
+    add_precision_flag(gen)
     gen.set_defaults(run=cmd_generate)
     edit = sub.add_parser("edit", help="inpaint, outpaint or restyle an image with a token model")
     edit.add_argument("--image", required=True, help="the image to edit (its size is the output size)")
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--model", default="shapes-token", help="a token-family model")
     edit.add_argument("--out", required=True, help="output .png path")
     add_sampler_flags(edit)
+    add_precision_flag(edit)
     edit.set_defaults(run=cmd_edit)
     shards = sub.add_parser("shapes-shards", help="write the captioned shapes dataset as webdataset shards")
     shards.add_argument("--out", required=True, help="folder or s3:// prefix")

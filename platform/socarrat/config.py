@@ -6,7 +6,7 @@ Each concept has one type, validated once at the front door and passed along as 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
@@ -17,6 +17,18 @@ from socarrat.errors import UserError
 # a request costs to tokenize and to keep in the tokenizer's cache.
 MAX_PROMPT_CHARS = 1000
 MAX_CONTEXT = 77  # tokens, the most a built-in text encoder reads (CLIP's context)
+
+# What a model call computes in: "auto" is bf16 on a GPU (half the memory traffic) and fp32 on the
+# CPU (results exact across batch shapes, what the tests compare); "bf16" on a CPU with AMX (Xeon
+# Sapphire Rapids and later) makes model calls ~1.5-2x faster (`benchmarks/precision.py`).
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def check_precision(precision: str) -> None:
+    """UserError unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
 class _Spec(BaseModel):

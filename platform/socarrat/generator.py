@@ -18,7 +18,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from socarrat.checkpoint import DEFAULT_MODEL, load_checkpoint
-from socarrat.config import GenerationRequest, ModelSpec, SamplerSpec
+from socarrat.config import GenerationRequest, ModelSpec, Precision, SamplerSpec, check_precision
 from socarrat.models import GaussianModel
 from socarrat.models.text import TextEncoding
 from socarrat.errors import UserError
@@ -36,9 +36,10 @@ DenoiserSource = Callable[[Any, float], AbstractContextManager[tuple[Denoise, An
 
 @dataclass
 class Result:
-    """One generated image and what made it: prompt, seed, model digest, sampler spec, timings, and
-    whether the prompt or negative prompt was longer than the text encoder's context (its end cut:
-    `prompt_truncated`, `negative_prompt_truncated`)."""
+    """One generated image and what made it: prompt, seed, model digest, sampler spec, precision ("bf16"
+    or "fp32": what its model calls computed in), timings, and whether the prompt or negative prompt
+    was longer than the text encoder's context (its end cut: `prompt_truncated`,
+    `negative_prompt_truncated`)."""
 
     image: Image.Image
     metadata: dict = field(default_factory=dict)
@@ -157,26 +158,35 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def model_precision(device: torch.device):
-    """The autocast every model call runs under, here and on Picard's actors: bf16 on a GPU (half the
-    memory traffic), none on the CPU (fp32 keeps results exact for the tests)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def resolve_precision(device: torch.device, precision: Precision = "auto") -> str:
+    """"bf16" or "fp32": what `precision` means on `device` (see `Precision`)."""
+    check_precision(precision)
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
+def model_precision(device: torch.device, precision: Precision = "auto") -> torch.autocast:
+    """The autocast every model call runs under, here and on Picard's actors (see `Precision`)."""
+    bf16 = resolve_precision(device, precision) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 class Generator:
     """A loaded model on a device, ready to turn prompts into images."""
 
-    def __init__(self, model: GaussianModel, digest: str, name: str, device: torch.device | str | None = None):
+    def __init__(self, model: GaussianModel, digest: str, name: str, device: torch.device | str | None = None,
+                 precision: Precision = "auto"):
         self.device = torch.device(device) if device else default_device()
+        self.precision = resolve_precision(self.device, precision)  # "bf16" or "fp32" from here on
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.digest, self.name = digest, name
 
     @classmethod
-    def load(cls, name_or_uri: str | None = None, device: torch.device | str | None = None) -> Generator:
+    def load(cls, name_or_uri: str | None = None, device: torch.device | str | None = None,
+             precision: Precision = "auto") -> Generator:
         """A bundled model's name, a local checkpoint directory, or an s3:// prefix; None: the
-        default bundled model."""
+        default bundled model. `precision`: see `Precision`."""
         model, config = load_checkpoint(name_or_uri, device="cpu")
-        return cls(model, config["sha256"], name_or_uri or DEFAULT_MODEL, device)
+        return cls(model, config["sha256"], name_or_uri or DEFAULT_MODEL, device, precision)
 
     @property
     def spec(self) -> ModelSpec:
@@ -219,7 +229,7 @@ class Generator:
         shape = self.image_shape(spec)
         negatives = request.negative_prompts or [""] * len(request.prompts)
         t0 = time.perf_counter()
-        with model_precision(self.device):
+        with model_precision(self.device, self.precision):
             cond = (self.model.encode(request.prompts), self.model.encode(negatives))
             if blend is not None:
                 cond = (blend.apply(cond[0], self.model.encode(blend.prompts)), cond[1])
@@ -245,7 +255,8 @@ class Generator:
         return [
             Result(Image.fromarray(np.ascontiguousarray(img)), {
                 "prompt": p, "negative_prompt": n, "seed": s, "model": self.name,
-                "model_digest": self.digest, "spec": spec.model_dump(), "timings": timings, **own,
+                "model_digest": self.digest, "spec": spec.model_dump(), "precision": self.precision,
+                "timings": timings, **own,
             })
             for img, p, n, s, own in zip(pixels, request.prompts, negatives, request.seeds, extra)
         ]

@@ -25,6 +25,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayError
 
+from socarrat.config import Precision, check_precision
 from socarrat.errors import UserError
 from socarrat.generator import default_device, model_precision
 from socarrat.sampling import Denoise, cfg_denoiser
@@ -57,7 +58,7 @@ class DenoiseActor:
         self.device = default_device()
         self.requests: dict[str, tuple[Denoise, Any]] = {}
 
-    def load(self, model: str | torch.nn.Module, digest: str | None) -> None:
+    def load(self, model: str | torch.nn.Module, digest: str | None, precision: Precision = "auto") -> None:
         """Load the model; a method, not `__init__`, so that a UserError reaches the caller as itself."""
         from socarrat.checkpoint import load_checkpoint
 
@@ -67,6 +68,7 @@ class DenoiseActor:
             if digest is not None and config["sha256"] != digest:
                 raise UserError(f"checkpoint {uri} now has digest {config['sha256']}, not the expected {digest}")
         self.model = model.to(self.device).eval().requires_grad_(False)
+        self.precision = precision
 
     def condition(self, key: str, cond: Any, guidance: float) -> None:
         self.requests[key] = (cfg_denoiser(self.model, guidance), _to_device(cond, self.device))
@@ -77,7 +79,7 @@ class DenoiseActor:
     @torch.inference_mode()
     def denoise(self, key: str, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         denoise, cond = self.requests[key]
-        with model_precision(self.device):
+        with model_precision(self.device, self.precision):
             out = denoise(x.to(self.device), t.to(self.device), take_rows(cond, rows.to(self.device)))
         return out.float().cpu()
 
@@ -103,18 +105,21 @@ class PicardGroup:
 
     `model`: a checkpoint name or URI that each actor loads (`socarrat.checkpoint`), or a model
     object on the CPU, shipped once through the object store; `digest`: the sha256 the checkpoint
-    must have (`Generator.digest`), so that actors started later cannot load other weights. Actors
-    are named "picard-<random>" (in the caller's namespace), so `ray list actors` shows them.
+    must have (`Generator.digest`), so that actors started later cannot load other weights;
+    `precision`: what the actors' model calls compute in on their devices (`socarrat.config.Precision`).
+    Actors are named "picard-<random>" (in the caller's namespace), so `ray list actors` shows them.
     """
 
     def __init__(
         self, model: str | torch.nn.Module, actors: int, num_gpus_per_actor: float = 0.0,
-        num_cpus_per_actor: float = 1.0, digest: str | None = None,
+        num_cpus_per_actor: float = 1.0, digest: str | None = None, precision: Precision = "auto",
     ):
         if actors < 1:
             raise UserError(f"actors must be >= 1, got {actors}")
+        check_precision(precision)
         self._model = model if isinstance(model, str) else ray.put(model)
         self._options, self._digest = {"num_gpus": num_gpus_per_actor, "num_cpus": num_cpus_per_actor}, digest
+        self._precision = precision
         self.actors = self._started(actors)
         self._lost: set[int] = set()
 
@@ -124,7 +129,7 @@ class PicardGroup:
         actors = [DenoiseActor.options(name=f"picard-{uuid.uuid4().hex[:12]}", **self._options).remote()
                   for _ in range(count)]
         try:
-            loads = [actor.load.remote(self._model, self._digest) for actor in actors]
+            loads = [actor.load.remote(self._model, self._digest, self._precision) for actor in actors]
             # No time limit: an autoscaling cluster may take minutes to add the nodes. Say what it waits for.
             while len(ray.wait(loads, num_returns=len(loads), timeout=WAIT_NOTICE_S)[0]) < len(loads):
                 logging.getLogger(__name__).warning(
