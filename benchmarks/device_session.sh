@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_session.sh train eval picard backbones tokens    # ~9 min on one H100/H200
 #   bash benchmarks/device_session.sh generate serve picard_sd placement    # ~9 min
+#   bash benchmarks/device_session.sh picard_compiled precision             # ~6 min, compiled model calls
 #
 # On a GPU machine without the project installed, put `platform` on PYTHONPATH first
 # (`export PYTHONPATH=platform:$PYTHONPATH`; README "GPU benchmarks in one go"). SMOKE=1 runs every stage with tiny sizes on the CPU, to check the script.
@@ -25,7 +26,7 @@ DEADLINE_S=${DEADLINE_S:-0}
 [[ "$DEADLINE_S" =~ ^[0-9]+$ ]] || { echo "DEADLINE_S must be whole seconds, got $DEADLINE_S"; exit 2; }
 RUNS=runs/gpu$( [ "$SMOKE" = 1 ] && echo -smoke )  # a smoke run never seeds a real one
 [ $# -gt 0 ] || set -- train eval picard backbones tokens
-STAGES=" train eval placement picard backbones tokens generate serve picard_sd "
+STAGES=" train eval placement picard picard_compiled precision backbones tokens generate serve picard_sd "
 for what in "$@"; do  # every name checked before any work: a typo must not cost a session's last stage
   [[ "$STAGES" == *" $what "* ]] || { echo "unknown stage $what ($STAGES)"; exit 2; }
 done
@@ -113,6 +114,13 @@ for what in "$@"; do
   picard)
     stage picard 150 "$PY" -m benchmarks.picard --model "$(gaussian_model)" --steps-list "$(small ddpm:20,ddim:10 ddpm:1000,ddim:200,ddim:50)" \
       --window "$(small 8 64)" --out "$OUT/picard.json" ;;
+  picard_compiled)  # the same with every model call a CUDA graph (torch.compile), sequential included
+    stage picard_compiled 300 "$PY" -m benchmarks.picard --model "$(gaussian_model)" --compile --ref-tolerances "" \
+      --steps-list "$(small ddim:4 ddpm:1000,ddim:200,ddim:50)" --window "$(small 4 64)" --out "$OUT/picard_compiled.json" ;;
+  precision)  # the bundled models' calls in bf16 (auto), fp32 and compiled bf16, side by side
+    stage precision 240 "$PY" -m benchmarks.precision --modes bf16,fp32,bf16+compile --prompts "$(small 2 256)" \
+      --batch-size "$(small 2 64)" --models "$(small shapes-token shapes-gaussian,shapes-hdit,shapes-token)" \
+      --out "$OUT/precision.json" ;;
   backbones)  # random weights, 64-512 px, batch 8, bf16 (the benchmark's GPU defaults)
     stage backbones 120 "$PY" -m benchmarks.backbones $( [ "$SMOKE" = 1 ] && echo --sizes 32 --batch 2 ) \
       --out "$OUT/backbones.json" ;;

@@ -11,7 +11,8 @@ model call: on a GPU, each about one kernel launch, which for small models costs
 arithmetic) do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat Picard
 (at the first tolerance) over groups of K Ray actors (`socarrat.parallel`) and times one round's
 model call (a full window) in-process and through each group: with K=1 the difference is the pure
-scatter/gather overhead.
+scatter/gather overhead. With `--compile` every method's model calls run under torch.compile
+(`socarrat.generator.CompiledModel`: CUDA graphs on a GPU), the sequential baseline's as well.
 
     python benchmarks/picard.py --model shapes-gaussian --device cpu --threads 1
     python benchmarks/picard.py --device cuda --window 64          # the H100 run
@@ -38,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import evaluation_prompts, score
-from socarrat.generator import Generator
+from socarrat.generator import CompiledModel, Generator, model_precision
 from socarrat.models import parameter_count
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import PicardStats, sample_picard, take_rows
@@ -131,7 +132,7 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
     seeds = [args.seed + i for i in range(len(prompts))]
     x, noises = draw_noise(seeds, gen.image_shape(SamplerSpec()), steps, sampler == "ddpm", device)
     cond = (model.encode(prompts), model.encode([""] * len(prompts)))
-    denoise = uncounted(cfg_denoiser(model, args.guidance))
+    denoise = uncounted(cfg_denoiser(CompiledModel(model, device) if args.compile else model, args.guidance))
 
     def model_call(size: int) -> tuple:
         """(x, t, rows) of a model call on `size` states cycling through the batch."""
@@ -155,8 +156,10 @@ def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], gro
 
     def warm(run):
         """Run the method once untimed, counting its tensor operations, then time it: on a GPU a
-        first call at each new batch size pays a one-time kernel selection, so the time is the
-        method's, not the order of the rows'."""
+        first call at each new batch size pays a one-time kernel selection (compiled: a compilation),
+        so the time is the method's, not the order of the rows'."""
+        if args.compile:
+            run()  # compiled at every shape the method meets before its operations are counted
         ops = tensor_ops(run)
         return timed(run), ops
 
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help=">1: that many of the shapes evaluation prompts at once")
     p.add_argument("--actors", default="", help="also run over groups of K Ray actors, e.g. 1,2 (1: the pure overhead)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="every method's model calls under torch.compile")
     p.add_argument("--out", default="benchmarks/results/picard.json")
     args = p.parse_args(argv)
     args.ref_tolerances = [float(t) for t in args.ref_tolerances.split(",") if t]
@@ -242,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     groups = start_groups(gen, args)
     prompts = [p for p, _ in evaluation_prompts(args.batch)] if args.batch > 1 else [args.prompt]
     print(f"model {gen.name} ({parameter_count(gen.model) / 1e6:.1f}M params), device {gen.device}, batch {len(prompts)}, "
-          f"guidance {args.guidance}, window {args.window}\n")
+          f"guidance {args.guidance}, window {args.window}{', compiled' if args.compile else ''}\n")
     print(HEADER + "\n" + "-" * len(HEADER))
     rows = []
     # Generator's execution mode, for every method alike: bf16 autocast on a GPU, fp32 on the CPU.
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=gen.device.type == "cuda"):
+    with torch.inference_mode(), model_precision(gen.device):
         for item in args.steps_list.split(","):
             sampler, steps = item.split(":")
             config_rows = run_config(gen, sampler, int(steps), prompts, groups, args)
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += config_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": gen.name, "model_digest": gen.digest, "device": str(gen.device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+            "threads": torch.get_num_threads(), "compiled": args.compile, "argv": sys.argv[1:]}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {args.out}")
     return 0

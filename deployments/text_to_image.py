@@ -33,6 +33,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from socarrat import storage
+from socarrat.checkpoint import check_model_name
 from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, Precision, SamplerSpec
 from socarrat.errors import UserError
 from socarrat.generator import DEFAULT_STEPS, OWN_SAMPLER, Edit, Generator, Result, picard_totals, read_image
@@ -644,6 +645,8 @@ class ImageAPI:
 def build_app(args: AppArgs) -> Application:
     """The application for `serve run`: `serve run deployments.text_to_image:build_app num_gpus=0`."""
     args = AppArgs.model_validate(args)
+    if args.model_uri:  # a bundled name's typo fails here, not in replicas restarted again and again
+        check_model_name(args.model_uri)
     model = ImageModel.options(
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
         max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,

@@ -80,7 +80,8 @@ def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, nu
     pick = np.random.default_rng(0).choice(len(rows), min(sheet_size, len(rows)), replace=False)
     sheet = contact_sheet([images[i] for i in pick], [rows[i]["prompt"] for i in pick], [rows[i]["passed"] for i in pick])
     summary = {"model": generator.name, "model_digest": generator.digest, "spec": spec.model_dump(),
-               "precision": generator.precision, "device": generator.device.type, "images": len(rows),
+               "precision": generator.precision, "compiled": generator.compiled, "device": generator.device.type,
+               "images": len(rows),
                "wall_s": round(wall_s, 2), "images_per_s": round(len(rows) / wall_s, 2), "scores": scores,
                "stderr": stderr, "position_kinds": position_kinds}
     return {"summary": summary, "rows": rows, "sheet": sheet}
@@ -99,13 +100,19 @@ def read_rows(report: str) -> list[dict]:
     return [json.loads(line) for line in store.get_bytes("images.jsonl").splitlines()]
 
 
+def check_same_images(rows: list[dict], earlier: list[dict]) -> dict[tuple[str, int], dict]:
+    """`earlier` by (prompt, seed); UserError unless it judged the (prompt, seed) pairs of `rows`."""
+    by_key = {(r["prompt"], r["seed"]): r for r in earlier}
+    if len(by_key) != len(rows) or any((r["prompt"], r["seed"]) not in by_key for r in rows):
+        raise UserError("--against: that report judged other prompts or seeds; run both with the same --prompts and --seeds")
+    return by_key
+
+
 def paired_difference(rows: list[dict], earlier: list[dict]) -> dict[str, dict[str, float]]:
     """{category and "overall": {"mean", "stderr"}} of passed(rows) - passed(earlier), image by image on
     the same (prompt, seed); UserError unless both judged the same images. A model's own luck with a
     prompt and seed cancels out, so two models differ beyond noise where this is ~2 of its errors."""
-    by_key = {(r["prompt"], r["seed"]): r for r in earlier}
-    if len(by_key) != len(rows) or any((r["prompt"], r["seed"]) not in by_key for r in rows):
-        raise UserError("--against: that report judged other prompts or seeds; run both with the same --prompts and --seeds")
+    by_key = check_same_images(rows, earlier)
     out = {}
     for category in CATEGORIES:
         d = np.array([float(r["passed"]) - by_key[(r["prompt"], r["seed"])]["passed"] for r in rows if r["category"] == category])
@@ -138,22 +145,27 @@ def print_table(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jobs.evaluate", description="GenEval-style prompt adherence on held-out shapes prompts.")
     p.add_argument("--model", default=None, help="bundled name, checkpoint dir or s3:// prefix (default: the bundled default)")
-    p.add_argument("--out", default="runs/eval", help="folder or s3:// prefix for the report")
-    p.add_argument("--prompts", type=int, default=300, help=f"held-out prompts: at least one per category ({len(CATEGORIES)}), at most 515")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default="runs/eval", help="folder or s3:// prefix for the report (default: runs/eval)")
+    p.add_argument("--prompts", type=int, default=300, help=f"held-out prompts: at least one per category "
+                   f"({len(CATEGORIES)}), at most 515 (default: 300)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default: 2)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     p.add_argument("--against", default=None, help="an earlier report (its --out) on the same prompts and seeds: "
                    "also print and record the paired difference from it")
     add_sampler_flags(p)
     add_precision_flag(p)
+    p.add_argument("--compile", action="store_true", help="model calls under torch.compile: a minute or so of "
+                   "compiling first, then faster calls (CUDA graphs on a GPU)")
     args = p.parse_args(argv)
     try:
         spec = sampler_spec(args)
         check_at_least(args, prompts=len(CATEGORIES), seeds=1, batch_size=1)  # a prompt per category
-        evaluation_prompts(args.prompts)  # at most 515: the held-out captions there are, checked before the model loads
+        prompts = evaluation_prompts(args.prompts)  # at most 515: the held-out captions there are, checked before the model loads
         earlier = read_rows(args.against) if args.against else None
+        if earlier is not None:  # before any image is made
+            check_same_images([{"prompt": p, "seed": s} for s in range(args.seeds) for p, _ in prompts], earlier)
         storage.check_writable(args.out)
-        report = evaluate(Generator.load(args.model, precision=args.precision), spec, args.prompts, args.seeds, args.batch_size)
+        report = evaluate(Generator.load(args.model, precision=args.precision, compile=args.compile), spec, args.prompts, args.seeds, args.batch_size)
         if earlier is not None:
             report["summary"]["paired_against"] = {"report": args.against, **paired_difference(report["rows"], earlier)}
         write_report(report, args.out)

@@ -62,8 +62,8 @@ class GenerateJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompts: str = Field(description="prompt file, folder, prefix or glob; local or s3://")
-    out: str = Field(description="output folder or s3:// prefix")
+    prompts: str = Field(min_length=1, description="prompt file, folder, prefix or glob; local or s3://")
+    out: str = Field(min_length=1, description="output folder or s3:// prefix")
     model: str | None = Field(None, description="bundled name, checkpoint dir or s3:// prefix; None: the default")
     images_per_prompt: massgen.ImagesPerPrompt = 1
     spec: SamplerSpec = SamplerSpec()
@@ -76,6 +76,8 @@ class GenerateJob(BaseModel):
     num_cpus_per_worker: float = Field(1, gt=0)
     precision: Precision = Field("auto", description="what model calls compute in: auto = bf16 on a GPU, fp32 on "
                                  "the CPU; bf16 is faster on CPUs with AMX")
+    compile: bool = Field(False, description="model calls under torch.compile: each worker first compiles for a "
+                          "minute or so, then calls run faster (CUDA graphs on a GPU)")
     min_workers: int = Field(1, ge=1)
     max_workers: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
 
@@ -90,8 +92,8 @@ class ShardMaker:
     """A pool actor: loads the model once, then renders and publishes one shard per call."""
 
     def __init__(self, model: str | None, out: str, run_id: str, batch_size: int, exit_marker: str | None, digest: str,
-                 precision: Precision = "auto"):
-        self.generator = Generator.load(model, precision=precision)
+                 precision: Precision = "auto", compile: bool = False):
+        self.generator = Generator.load(model, precision=precision, compile=compile)
         # The checkpoint replaced at its URI since the driver read it, or another one at the same
         # local path on this node, would give images that job.json and the manifest do not describe.
         if self.generator.digest != digest:
@@ -149,9 +151,12 @@ def run(job: GenerateJob) -> dict[str, Any]:
     massgen.claim_output(store, settings)
     run_id = _run_id()
     with massgen.hold_lease(store, run_id):
+        massgen.confirm_settings(store, settings)
         if not ray.is_initialized():
             ray.init()
         checked = _read_rows(files, settings, max_steps)
+        if not checked:
+            raise UserError(f"no prompts in {job.prompts}: its {len(files)} prompt file(s) hold no rows")
         massgen.check_prompt_column(checked)
         plan = massgen.make_plan(checked, massgen.done_keys(store), job.shard_size)
         shards.remove_incomplete(store)
@@ -264,7 +269,7 @@ def _shard_pool(job: GenerateJob, digest: str, run_id: str,
             num_cpus=job.num_cpus_per_worker,
             fn_constructor_kwargs={"model": job.model, "out": job.out, "run_id": run_id, "batch_size": job.batch_size,
                                    "exit_marker": os.environ.get(_ACTOR_EXIT), "digest": digest,
-                                   "precision": job.precision},
+                                   "precision": job.precision, "compile": job.compile},
         )
     return made.iter_rows()
 
@@ -300,11 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help=fields["model"].description)
     add_sampler_flags(p)
     add_precision_flag(p)
+    p.add_argument("--compile", action="store_true", help=fields["compile"].description)
     for name, kind in [("images_per_prompt", int), ("seed_base", int), ("batch_size", int), ("shard_size", int),
                        ("min_workers", int), ("max_workers", int), ("num_gpus_per_worker", float),
                        ("num_cpus_per_worker", float)]:
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=fields[name].default,
-                       help=fields[name].description)
+        default = fields[name].default
+        text = " ".join(filter(None, [fields[name].description, None if default is None else f"(default: {default})"]))
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     args = p.parse_args(argv)
     try:
         job = GenerateJob(spec=sampler_spec(args), **{k: v for k, v in vars(args).items() if k in fields})

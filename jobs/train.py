@@ -42,6 +42,8 @@ def _ray_worker(config: dict) -> None:
 
 def run(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False) -> TrainResult | None:
     """Train in this process (num_workers=0) or on `num_workers` Ray Train workers."""
+    if num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0 (0 = in this process), got {num_workers}")
     preflight(cfg)  # a user mistake fails here in one line, not as a worker's traceback, an hour in
     if num_workers == 0:
         return train(cfg)
@@ -75,7 +77,10 @@ def _model_spec(text: str | None, **overrides: object) -> ModelSpec:
     if text:
         if not text.lstrip().startswith("{") and not Path(text).is_file():
             raise UserError(f"--model-spec {text!r} is neither JSON nor a file")
-        data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+        try:
+            data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"--model-spec {text[:80]!r}: not valid JSON ({err})") from None
         data = data.get("model", data)  # a checkpoint's config.json works too
     data |= {k: v for k, v in overrides.items() if v is not None}
     return ModelSpec.model_validate(data)
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", required=True, help="folder or s3:// prefix of .tar shards")
     p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints")
     p.add_argument("--model-spec", default=None, help="ModelSpec as JSON text or a .json file (default: ModelSpec())")
-    p.add_argument("--size-px", type=int, default=None)
+    p.add_argument("--size-px", type=int, default=None, help="ModelSpec.size_px, over --model-spec's (default: "
+                   f"{ModelSpec().size_px})")
     p.add_argument("--backbone", choices=get_args(ModelSpec.model_fields["backbone"].annotation), default=None,
                    help="ModelSpec.backbone, over --model-spec's (default: unet)")
     p.add_argument("--family", choices=get_args(ModelSpec.model_fields["family"].annotation), default=None,
@@ -97,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             p.add_argument(flag, action="store_true", help=field.description)
+            continue
+        text = " ".join(filter(None, [field.description, None if field.default is None else f"(default: {field.default})"]))
+        kind = next((a for a in get_args(field.annotation) if a is not type(None)), field.annotation)  # X | None -> X
+        if get_origin(kind) is Literal:
+            p.add_argument(flag, choices=get_args(kind), default=field.default, help=text)
         else:
-            kind = next((a for a in get_args(field.annotation) if a is not type(None)), field.annotation)  # X | None -> X
-            if get_origin(kind) is Literal:
-                p.add_argument(flag, choices=get_args(kind), default=field.default, help=field.description)
-            else:
-                p.add_argument(flag, type=kind, default=field.default, help=field.description)
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0 = in this process")
+            p.add_argument(flag, type=kind, default=field.default, help=text)
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers, on the Ray cluster (or a local "
+                   "one it starts); 0 = in this process, without Ray (default: 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (default: CPU workers)")
     args = p.parse_args(argv)
     try:

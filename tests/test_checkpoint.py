@@ -90,6 +90,14 @@ def test_missing_checkpoints_name_the_path(tmp_path, s3_bucket):
     storage.write_bytes(f"{s3_bucket}/x", b"")  # the bucket exists; the key does not
 
 
+def test_a_training_runs_folder_points_to_its_newest_checkpoint(tmp_path, tiny_model):
+    for step in ("step-00000002", "step-00000010"):
+        save_checkpoint(tiny_model, str(tmp_path / "run" / step))
+    (tmp_path / "run" / "step-00000011").mkdir()  # one being written: no config.json yet
+    with pytest.raises(NotFoundError, match=r"it is a training run: its newest checkpoint is \S+/run/step-00000010$"):
+        load_checkpoint(str(tmp_path / "run"))
+
+
 def test_every_bundled_model_loads_generates_and_fits_the_asset_budget():
     from socarrat.checkpoint import CONFIG, bundled_models
 

@@ -69,6 +69,8 @@ def test_generate_and_edit_read_and_write_object_storage(s3_bucket, tiny_token_c
     (["--window", "8", "--tolerance", "0"], "--window, --tolerance: for Picard sampling only; add --picard"),
     (["--temperature", "1", "0.6"], "temperature: not read by the ddim sampler; leave it unset"),
     (["--sampler", "ddpm", "--picard", "--renoise-steps", "3"], "renoise_steps: not read by the ddpm sampler"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--out", "/proc/x.png"], "cannot write file:///proc/.write-check"),  # found before any sampling
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, flags, message):
     args = ["generate", "--prompt", "a red circle", "--model", model_dir, "--out", str(tmp_path / "x.png"), *flags]

@@ -187,6 +187,8 @@ def test_missing_prompts_model_or_bucket_and_unwritable_out_fail_before_any_work
         (["--prompts", str(prompts), "--out", str(tmp_path / "o5"), "--min-workers", "3", "--max-workers", "2"], "max_workers"),
         (["--prompts", str(prompts), "--out", str(tmp_path / "o6"), "--model", model_dir, "--steps", "5000"],
          "steps must be in 1..1000 for this model, got 5000"),
+        (["--prompts", str(prompts), "--out", ""], "out: String should have at least 1 character"),
+        (["--prompts", "", "--out", str(tmp_path / "o7")], "prompts: String should have at least 1 character"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -195,12 +197,19 @@ def test_missing_prompts_model_or_bucket_and_unwritable_out_fail_before_any_work
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "p.txt"]  # nothing written anywhere
 
 
-def test_a_rerun_with_other_settings_is_refused(tmp_path):
-    out = storage.open_store(str(tmp_path))
+def test_other_settings_replace_job_json_until_an_image_is_published_then_are_refused(reference, tmp_path):
+    out, other = storage.open_store(str(tmp_path)), SETTINGS.model_copy(update={"spec": SamplerSpec(steps=3)})
     massgen.claim_output(out, SETTINGS)
     massgen.claim_output(out, SETTINGS)
-    with pytest.raises(UserError, match="steps"):
-        massgen.claim_output(out, SETTINGS.model_copy(update={"spec": SamplerSpec(steps=3)}))
+    massgen.claim_output(out, other)  # nothing made under job.json yet (a first run stopped on bad input)
+    massgen.confirm_settings(out, other)  # under the lease: recorded
+    assert massgen.RunSettings.model_validate_json(out.get_bytes(massgen.JOB)) == other
+    task = massgen.ImageTask(key="k-0", prompt="a red circle", seed=0, spec=SamplerSpec(steps=1))
+    put_lease(out, lease(run_id="mine"))
+    massgen.publish(out, "mine", "s-0", [task], reference.generate([task.prompt], [task.seed], task.spec))
+    for check in (massgen.claim_output, massgen.confirm_settings):  # the one a waiting run makes, too
+        with pytest.raises(UserError, match=r"records a run with other settings \(spec.steps: 3 -> 2\); rerun"):
+            check(out, SETTINGS)
 
 
 def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(tmp_path, store_uri):
@@ -324,11 +333,19 @@ def test_a_worker_refuses_a_model_with_another_digest(model_dir, tmp_path):
         ShardMaker(model_dir, str(tmp_path), "run", batch_size=2, exit_marker=None, digest="0" * 64)
 
 
+def test_a_worker_loads_the_model_in_the_precision_and_mode_asked(model_dir, tmp_path):
+    digest = describe_checkpoint(model_dir).digest
+    maker = ShardMaker(model_dir, str(tmp_path), "run", 2, None, digest, precision="bf16", compile=True)
+    assert (maker.generator.precision, maker.generator.compiled) == ("bf16", True)
+    assert GenerateJob(prompts="p.txt", out="o", compile=True, precision="fp32").compile
+
+
 # --- end to end on Ray ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, content, message", [
     ("p.parquet", b"PAR1 not a parquet file", "cannot read the prompt files .*p.parquet"),  # footer read in the driver
     ("p.csv", b"text,seed\na red circle,1\n", "no row of .*p.csv has a prompt; its columns are seed, text"),
+    ("p.txt", b"\n  \n", r"no prompts in .*p.txt: its 1 prompt file\(s\) hold no rows"),
 ])
 def test_an_unparsable_prompt_file_or_one_without_prompts_is_a_clear_error(ray_session, model_dir, tmp_path, name,
                                                                             content, message):

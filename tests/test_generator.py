@@ -98,6 +98,27 @@ def test_precision_auto_is_fp32_on_the_cpu_and_bf16_runs_the_model_calls_in_bf16
         Generator(tiny_model, "0" * 64, "tiny-test", "cpu", "fp16")
 
 
+def test_compiled_model_calls_pad_to_a_power_of_two_and_give_the_eager_images(tiny_model):
+    from socarrat.generator import Generator, padded_rows
+
+    assert [padded_rows(n) for n in (1, 2, 3, 4, 5, 6, 128, 129)] == [1, 2, 4, 4, 8, 8, 128, 256]
+    prompts, seeds, spec = ["a red circle", "two blue squares", "a green triangle"], [1, 2, 3], SamplerSpec(steps=2)
+    eager = Generator(tiny_model, "0" * 64, "tiny-test", "cpu")
+    compiled = Generator(tiny_model, "0" * 64, "tiny-test", "cpu", compile=True)
+    calls = []
+    compiled._calls.forward = _recording(compiled._calls.forward, calls)
+    for a, b in zip(pixels(eager.generate(prompts, seeds, spec)), pixels(compiled.generate(prompts, seeds, spec))):
+        assert np.abs(a.astype(int) - b).max() <= 1  # float rounding: other kernels, another batch shape
+    assert calls == [8, 8]  # 3 prompts x 2 (CFG) rows, padded to 8, once a step
+
+
+def _recording(forward, calls: list):
+    def record(x, t, text):
+        calls.append(len(x))
+        return forward(x, t, text)
+    return record
+
+
 def test_load_default_model_and_a_bad_name():
     from socarrat.generator import Generator
 

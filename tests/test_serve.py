@@ -37,6 +37,7 @@ from conftest import _free_port
 from deployments.text_to_image import AppArgs, ImageAPI, ImageGenerationRequest, ImageModel, ModelCard, _Job, build_app
 from socarrat import storage
 from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, SamplerSpec
+from socarrat.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_N, MAX_STEPS = 4, 200
@@ -539,6 +540,8 @@ def test_builder_args_from_the_command_line_are_validated():
         AppArgs.model_validate({"num_gpu": "0"})
     with pytest.raises(ValueError, match="precision"):
         AppArgs.model_validate({"precision": "fp16"})
+    with pytest.raises(UserError, match=r"^unknown model 'shapes-gausian': not a path, not an s3:// URI, and not bundled"):
+        build_app(AppArgs(model_uri="shapes-gausian"))  # at build time: `serve run` stops with it
 
 
 def test_a_bf16_replica_computes_and_reports_bf16(tiny_checkpoint: str):

@@ -191,6 +191,8 @@ def test_weights_without_their_train_state_are_not_resumed(shards, tmp_path, tin
     (["--family", "token", "--steps", "2000"], "the token family trains its VQ for the first vq_steps (2000)"),
     (["--out", "FILE/run"], "FILE/run"),  # under a file: no checkpoint could ever be written
     (["--model-spec", '{"prediction": "eps"}', "--loss-weighting", "capped-v"], "capped-v needs v-prediction"),
+    (["--model-spec", "{bad"], "--model-spec '{bad': not valid JSON"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0 (0 = in this process), got -1"),
 ])
 def test_train_job_refuses_bad_flags_and_an_unwritable_out_before_any_work(shards, tmp_path, capsys, flags, message):
     from jobs.train import main
@@ -299,8 +301,12 @@ def test_evaluate_checks_its_flags_and_out_before_any_work(s3_server, tmp_path, 
 
     monkeypatch.setattr(evaluate_job.Generator, "load", no_model)
     (tmp_path / "file").write_text("")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "images.jsonl").write_text(json.dumps({"prompt": "a red circle", "seed": 0}) + "\n")
     cases = [
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--against", str(tmp_path / "report")], "--against: that report judged other prompts or seeds"),
+        (["--out", ""], "an empty path or URI"),
         (["--seeds", "-1"], "--seeds must be >= 1"),
         (["--prompts", "2"], "--prompts must be >= 5"),
         (["--prompts", "516"], "ask for n <= 515"),
@@ -313,7 +319,7 @@ def test_evaluate_checks_its_flags_and_out_before_any_work(s3_server, tmp_path, 
         assert evaluate_job.main(argv + (["--out", str(tmp_path / "o")] if "--out" not in argv else [])) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "report"]
 
 
 def _resume_at(rank: int, steps: tuple[int, int], port: int, verdicts) -> None:

@@ -47,6 +47,15 @@ def bundled_models() -> dict[str, Path]:
     return {p.parent.name: p.parent for p in sorted(root.glob(f"*/{CONFIG}"))}
 
 
+def check_model_name(name_or_uri: str) -> None:
+    """NotFoundError for a model that is not bundled and not a path or URI either (a name's typo);
+    reads nothing, so it can run where a checkpoint's path does not exist (a Serve app's head node)."""
+    bundled = bundled_models()
+    if not (name_or_uri in bundled or "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri)):
+        raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled "
+                            f"({', '.join(bundled) or 'none bundled'})")
+
+
 def save_checkpoint(model: GaussianModel, uri: str, dtype: torch.dtype = WEIGHTS_DTYPE, extra: dict | None = None) -> str:
     """Write `model` to a directory or s3:// prefix; returns the weights' sha256."""
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
@@ -105,7 +114,9 @@ def _local_copy(uri: str) -> Path:
     if not storage.is_remote(uri):
         path = Path(uri.removeprefix("file://"))
         if not (path / CONFIG).is_file():
-            raise NotFoundError(f"no checkpoint at {uri} (expected {path / CONFIG})")
+            steps = sorted(p for p in path.glob("step-*") if (p / CONFIG).is_file()) if path.is_dir() else []
+            hint = f"; it is a training run: its newest checkpoint is {steps[-1]}" if steps else ""
+            raise NotFoundError(f"no checkpoint at {uri} (expected {path / CONFIG}){hint}")
         return path
     store = storage.open_store(uri)
     config = _parse_config(store.get_bytes(CONFIG), storage.join(uri, CONFIG))
@@ -123,15 +134,14 @@ def _open(name_or_uri: str | None) -> tuple[Path, dict | None, str]:
     the sha256 in its config."""
     bundled = bundled_models()
     name_or_uri = name_or_uri or DEFAULT_MODEL
+    check_model_name(name_or_uri)
     if name_or_uri in bundled:
         path = bundled[name_or_uri]
-    elif "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri):
+    else:
         if storage.open_store(name_or_uri).exists("model_index.json"):
             path, digest = _diffusers_copy(name_or_uri)
             return path, None, digest
         path = _local_copy(name_or_uri)
-    else:
-        raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled ({', '.join(bundled) or 'none bundled'})")
     config = _parse_config((path / CONFIG).read_bytes(), str(path / CONFIG))
     if not (path / WEIGHTS).is_file():
         raise NotFoundError(f"checkpoint {name_or_uri}: no {WEIGHTS} beside its {CONFIG} (a partial copy?)")

@@ -33,8 +33,8 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="default: 50 for ddim and ddpm, 12 for paella")
     parser.add_argument("--spacing", help=f"leading | trailing | linspace (default: {default['spacing']})")
     parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: {default['guidance']})")
-    parser.add_argument("--height-px", type=int)
-    parser.add_argument("--width-px", type=int)
+    parser.add_argument("--height-px", type=int, help="image height (default: the model's size)")
+    parser.add_argument("--width-px", type=int, help="image width (default: the model's size)")
     parser.add_argument("--picard", action="store_true", help="Picard (ParaDiGMS) parallel sampling")
     parser.add_argument("--window", type=int, help=f"Picard: steps evaluated per model call (default: {default['window']})")
     parser.add_argument("--tolerance", type=float, help="Picard: how far (RMS, image units) the result may be "
@@ -71,9 +71,14 @@ def check_at_least(args: argparse.Namespace, **least: int) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= {bound}, got {value}")
 
 
-def _check_out(out: str) -> None:
-    if Path(out).suffix.lower() != ".png":
-        raise UserError(f"--out must end in .png, got {out}")
+def _check_out(args: argparse.Namespace) -> None:
+    """UserError for a bad --seed or an --out that is no .png or cannot be written, before any work."""
+    from socarrat import storage
+
+    check_at_least(args, seed=0)
+    if Path(args.out).suffix.lower() != ".png":
+        raise UserError(f"--out must end in .png, got {args.out}")
+    storage.check_writable(args.out.rpartition("/")[0] or ".")
 
 
 def _save(result, args: argparse.Namespace) -> None:
@@ -93,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from socarrat.generator import Generator
 
     spec = sampler_spec(args)  # validate flags before loading anything
-    _check_out(args.out)
+    _check_out(args)
     gen = Generator.load(args.model, precision=args.precision)
     [result] = gen.generate([args.prompt], [args.seed], spec, [args.negative_prompt], progress=True)
     _save(result, args)
@@ -108,7 +113,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     def open_image(uri: str, mode: str) -> Image.Image:
         return read_image(storage.read_bytes(uri), uri).convert(mode)
 
-    _check_out(args.out)
+    _check_out(args)
     image = open_image(args.image, "RGB")
     mask = open_image(args.mask, "L") if args.mask else None
     if args.outpaint:
@@ -150,11 +155,13 @@ def cmd_shapes_shards(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="socarrat", description="Text-to-image generation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate one image into a PNG file")
+    gen = sub.add_parser("generate", help="generate one image into a PNG file",
+                         description="Generate one image into a PNG file (a local path or s3:// URI).")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--model", default=None, help="bundled name, checkpoint dir or s3:// prefix")
+    gen.add_argument("--seed", type=int, default=0, help="the image's noise (default: 0)")
+    gen.add_argument("--model", default=None, help="bundled name, checkpoint dir or s3:// prefix "
+                     "(default: shapes-gaussian)")
     gen.add_argument("--out", required=True, help="output .png path")
     add_sampler_flags(gen)
     add_precision_flag(gen)
@@ -176,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.set_defaults(run=cmd_edit)
     shards = sub.add_parser("shapes-shards", help="write the captioned shapes dataset as webdataset shards")
     shards.add_argument("--out", required=True, help="folder or s3:// prefix")
-    shards.add_argument("--count", type=int, default=50_000)
-    shards.add_argument("--shard-size", type=int, default=5_000)
-    shards.add_argument("--size-px", type=int, default=64)
-    shards.add_argument("--seed", type=int, default=0)
+    shards.add_argument("--count", type=int, default=50_000, help="images (default: 50000)")
+    shards.add_argument("--shard-size", type=int, default=5_000, help="images per tar shard (default: 5000)")
+    shards.add_argument("--size-px", type=int, default=64, help="image side; training resizes to the model's "
+                        "size_px, 32 for the bundled Gaussian models (default: 64)")
+    shards.add_argument("--seed", type=int, default=0, help="the same seed renders the same images (default: 0)")
     shards.set_defaults(run=cmd_shapes_shards)
     return parser
 

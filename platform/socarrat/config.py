@@ -20,7 +20,7 @@ MAX_CONTEXT = 77  # tokens, the most a built-in text encoder reads (CLIP's conte
 
 # What a model call computes in: "auto" is bf16 on a GPU (half the memory traffic) and fp32 on the
 # CPU (results exact across batch shapes, what the tests compare); "bf16" on a CPU with AMX (Xeon
-# Sapphire Rapids and later) makes model calls ~1.5-2x faster (`benchmarks/precision.py`).
+# Sapphire Rapids and later) makes model calls ~1.3-2.3x faster (`benchmarks/precision.py`).
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 

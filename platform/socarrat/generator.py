@@ -170,23 +170,49 @@ def model_precision(device: torch.device, precision: Precision = "auto") -> torc
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def padded_rows(n: int) -> int:
+    """The rows a compiled model call runs at for n: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+class CompiledModel:
+    """`model`'s forward under torch.compile, called as the model is. Each call's rows are padded up to
+    a power of two (repeating the last row) and the padding dropped from the output: every new shape
+    compiles once (tens of seconds on a CPU), so that a few shapes cover every batch and Picard window.
+    On a GPU it runs as a CUDA graph (`mode="reduce-overhead"`): one launch a call, not one a kernel."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.graphs = device.type == "cuda"
+        self.forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if self.graphs else None)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: Any) -> torch.Tensor:
+        n = len(x)
+        if padded_rows(n) > n:
+            index = torch.arange(padded_rows(n), device=x.device).clamp_(max=n - 1)
+            x, t, text = x[index], t[index], text[index]
+        out = self.forward(x, t, text)[:n]
+        return out.clone() if self.graphs else out  # a CUDA graph's next replay overwrites its output
+
+
 class Generator:
     """A loaded model on a device, ready to turn prompts into images."""
 
     def __init__(self, model: GaussianModel, digest: str, name: str, device: torch.device | str | None = None,
-                 precision: Precision = "auto"):
+                 precision: Precision = "auto", compile: bool = False):
         self.device = torch.device(device) if device else default_device()
         self.precision = resolve_precision(self.device, precision)  # "bf16" or "fp32" from here on
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.digest, self.name = digest, name
+        self.digest, self.name, self.compiled = digest, name, compile
+        self._calls = CompiledModel(self.model, self.device) if compile else self.model  # the denoiser's calls
 
     @classmethod
     def load(cls, name_or_uri: str | None = None, device: torch.device | str | None = None,
-             precision: Precision = "auto") -> Generator:
+             precision: Precision = "auto", compile: bool = False) -> Generator:
         """A bundled model's name, a local checkpoint directory, or an s3:// prefix; None: the
-        default bundled model. `precision`: see `Precision`."""
+        default bundled model. `precision`: see `Precision`; `compile`: the model's calls under
+        torch.compile (see `CompiledModel`), which pays off over many calls of few shapes."""
         model, config = load_checkpoint(name_or_uri, device="cpu")
-        return cls(model, config["sha256"], name_or_uri or DEFAULT_MODEL, device, precision)
+        return cls(model, config["sha256"], name_or_uri or DEFAULT_MODEL, device, precision, compile)
 
     @property
     def spec(self) -> ModelSpec:
@@ -272,7 +298,7 @@ class Generator:
         return x, schedule, make_step(spec.sampler, schedule, self.spec.prediction, self.spec.clip_sample), noises
 
     def _local_denoiser(self, cond: Any, guidance: float) -> AbstractContextManager[tuple[Denoise, Any]]:
-        return nullcontext((cfg_denoiser(self.model, guidance), cond))
+        return nullcontext((cfg_denoiser(self._calls, guidance), cond))
 
     def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, schedule: TokenSchedule, noises: torch.Tensor,
                    denoise: Denoise, cond: Any):

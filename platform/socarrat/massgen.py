@@ -11,7 +11,7 @@ rejected, all but the first in (key, content) order.
 
 Output layout under --out (`socarrat.shards` owns the tar + manifest pair):
 
-    job.json                 RunSettings of the first run; a rerun must repeat them
+    job.json                 RunSettings of the images made; a rerun must repeat them (replaced while none is)
     lease.json               the Lease of the run writing now, if any
     shards/{name}.tar        {key}.png + {key}.json per image, members grouped by key
     manifest/{name}.parquet  one row per image: key, shard, prompt, seed, sampler settings, model,
@@ -96,7 +96,8 @@ SeedBase = Annotated[int, Field(ge=0, lt=2**63, description="seeds of rows witho
 
 
 class RunSettings(_Frozen):
-    """Everything that decides a run's images; every run into one --out must repeat it."""
+    """Everything that decides a run's images; every run into one --out must repeat it once an image
+    is published there."""
 
     model_digest: str
     spec: SamplerSpec = SamplerSpec()
@@ -294,18 +295,43 @@ def check_first_writer_wins(store: storage.Store) -> None:
 
 
 def claim_output(store: storage.Store, settings: RunSettings) -> None:
-    """Record `settings` as job.json under `store`, or check that they match the recorded ones;
-    first checks that the store lets only the first writer of a key win. Being the run's first
-    writes, they also tell an unwritable --out before any work starts."""
+    """Record `settings` as job.json under `store`, or check that they match the recorded ones
+    (see `confirm_settings`); first checks that the store lets only the first writer of a key win.
+    Being the run's first writes, they also tell an unwritable --out before any work starts."""
     check_first_writer_wins(store)
-    if store.put_bytes(JOB, settings.model_dump_json(indent=2).encode(), if_absent=True):
-        return
+    if not store.put_bytes(JOB, settings.model_dump_json(indent=2).encode(), if_absent=True):
+        _check_settings(store, settings)
+
+
+def confirm_settings(store: storage.Store, settings: RunSettings) -> None:
+    """Under the lease, before planning: UserError unless job.json records `settings` or no image has
+    been published under it, in which case `settings` replace it (a run that stopped on bad input,
+    say, leaves job.json behind with nothing made). Checked again here as a run that claimed the
+    output earlier may have waited for the lease while another replaced job.json."""
+    if _check_settings(store, settings):
+        store.put_bytes(JOB, settings.model_dump_json(indent=2).encode())
+
+
+def _check_settings(store: storage.Store, settings: RunSettings) -> bool:
+    """Whether job.json records other settings with nothing published yet (they may be replaced);
+    UserError naming the fields that differ when images were published under them."""
     recorded = RunSettings.model_validate_json(store.get_bytes(JOB))
-    if recorded != settings:
-        old, new = recorded.model_dump(), settings.model_dump()
-        diff = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in old if old[k] != new[k])
-        raise UserError(f"{store.url(JOB)} records a run with other settings ({diff}); "
-                        "rerun with the recorded settings to resume it, or choose another --out")
+    if recorded == settings:
+        return False
+    if not done_keys(store):
+        return True
+    old, new = _flat(recorded.model_dump()), _flat(settings.model_dump())
+    diff = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in old if old[k] != new[k])
+    raise UserError(f"{store.url(JOB)} records a run with other settings ({diff}); "
+                    "rerun with the recorded settings to resume it, or choose another --out")
+
+
+def _flat(fields: dict, prefix: str = "") -> dict:
+    """{"spec.steps": 50, ...}: nested fields by dotted names."""
+    flat = {}
+    for name, value in fields.items():
+        flat |= _flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value}
+    return flat
 
 
 @contextlib.contextmanager

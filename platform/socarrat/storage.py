@@ -183,6 +183,8 @@ def _split(uri: str) -> tuple[Store, str]:
 
 
 def _local_path(uri: str) -> Path:
+    if not uri.strip():  # Path("") is the working directory: a forgotten value must not mean "here"
+        raise UserError("an empty path or URI: name a folder or file ('.' for the current folder)")
     if uri.startswith("file://"):
         path = uri.removeprefix("file://")
         if not path.startswith("/"):

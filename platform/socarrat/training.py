@@ -316,8 +316,8 @@ def train(
     if found := resume_point(cfg):
         start, uri, recorded = found
         say = tqdm.write if rank == 0 else lambda text: None
-        if cfg.init or cfg.init_text:
-            say(f"resuming from {uri}: --init and --init-text only start a new run, so they are not used")
+        say(f"resuming from {uri}" + (": --init and --init-text only start a new run, so they are not used"
+                                      if cfg.init or cfg.init_text else ""))
         # Where the run began, as its checkpoints have recorded it: the ones written now say it too.
         origin = recorded.get("training", {}).get("config", {})
         cfg = cfg.model_copy(update={"init": origin.get("init"), "init_text": origin.get("init_text")})
@@ -390,6 +390,7 @@ def train(
             report({"step": result.step, "loss": recent, "images_per_s": result.images_per_s})
         if rank == 0 and checkpointing:
             result.checkpoint = save_training_checkpoint(cfg, model, ema, opt, result.step, data.corrupt, result.images_per_s)
+            tqdm.write(f"checkpoint written: {result.checkpoint}")
         if out_of_time:
             break
     return result
