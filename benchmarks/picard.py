@@ -11,8 +11,9 @@ model call: on a GPU, each about one kernel launch, which for small models costs
 arithmetic) do not depend on the device; times do. With `--actors 1,2` it also runs Socarrat Picard
 (at the first tolerance) over groups of K Ray actors (`socarrat.parallel`) and times one round's
 model call (a full window) in-process and through each group: with K=1 the difference is the pure
-scatter/gather overhead. With `--compile` every method's model calls run under torch.compile
-(`socarrat.generator.CompiledModel`: CUDA graphs on a GPU), the sequential baseline's as well.
+scatter/gather overhead. With `--compile` every in-process method's model calls run under
+torch.compile (`socarrat.generator.CompiledModel`: CUDA graphs on a GPU), the sequential baseline's
+as well; the actor groups' run eager.
 
     python benchmarks/picard.py --model shapes-gaussian --device cpu --threads 1
     python benchmarks/picard.py --device cuda --window 64          # the H100 run
@@ -125,14 +126,15 @@ def median_ms(fn, repeats: int = 7) -> float:
     return 1000 * sorted(timed(fn)[1] for _ in range(repeats))[repeats // 2]
 
 
-def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], groups: dict, args) -> list[dict]:
+def run_config(gen: Generator, calls, sampler: str, steps: int, prompts: list[str], groups: dict, args) -> list[dict]:
+    """The rows of one solver and step count; `calls` evaluates the model (it, or it compiled)."""
     model, device = gen.model, gen.device
     schedule = Schedule.create(gen.spec.schedule, gen.spec.train_timesteps, args.spacing, steps)
     step = make_step(sampler, schedule, gen.spec.prediction, gen.spec.clip_sample)
     seeds = [args.seed + i for i in range(len(prompts))]
     x, noises = draw_noise(seeds, gen.image_shape(SamplerSpec()), steps, sampler == "ddpm", device)
     cond = (model.encode(prompts), model.encode([""] * len(prompts)))
-    denoise = uncounted(cfg_denoiser(CompiledModel(model, device) if args.compile else model, args.guidance))
+    denoise = uncounted(cfg_denoiser(calls, args.guidance))
 
     def model_call(size: int) -> tuple:
         """(x, t, rows) of a model call on `size` states cycling through the batch."""
@@ -249,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
           f"guidance {args.guidance}, window {args.window}{', compiled' if args.compile else ''}\n")
     print(HEADER + "\n" + "-" * len(HEADER))
     rows = []
+    calls = CompiledModel(gen.model, gen.device) if args.compile else gen.model  # one for all: torch.compile
+    # compiles each shape once per wrapper, and stops compiling past its recompile limit
     # Generator's execution mode, for every method alike: bf16 autocast on a GPU, fp32 on the CPU.
     with torch.inference_mode(), model_precision(gen.device):
         for item in args.steps_list.split(","):
             sampler, steps = item.split(":")
-            config_rows = run_config(gen, sampler, int(steps), prompts, groups, args)
+            config_rows = run_config(gen, calls, sampler, int(steps), prompts, groups, args)
             print_rows(config_rows)
             rows += config_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

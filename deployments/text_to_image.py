@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from socarrat import storage
 from socarrat.checkpoint import check_model_name
-from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, Precision, SamplerSpec
+from socarrat.config import MAX_PROMPT_CHARS, PRECISION_HELP, GenerationRequest, Precision, SamplerSpec
 from socarrat.errors import UserError
 from socarrat.generator import DEFAULT_STEPS, OWN_SAMPLER, Edit, Generator, Result, picard_totals, read_image
 from socarrat.parallel import PicardGroup, WorkerLostError
@@ -59,8 +59,7 @@ class AppArgs(BaseModel):
                                "response_format=url on S3 (local folders answer file:// URIs)")
     num_gpus: float = Field(1, ge=0, description="per model replica; fractions share one GPU's memory")
     num_cpus: float = Field(1, ge=0, description="per model replica; also torch's CPU threads")
-    precision: Precision = Field("auto", description="what model calls compute in: auto = bf16 on a GPU, fp32 "
-                                 "on the CPU; bf16 is faster on CPUs with AMX")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     max_n: int = Field(4, ge=1, description="images per request")
     max_size_px: int = Field(512, ge=8, description="largest width or height")
     max_steps: int = Field(1000, ge=1, description="sampler steps per request")
@@ -399,7 +398,8 @@ class ImageModel:
                               max_steps=spec.train_timesteps)
         # The actors load the replica's checkpoint by name, checked by digest; they die with the replica.
         self.group = PicardGroup(self.generator.name, args.picard_actors, args.picard_gpus_per_actor,
-                                 digest=self.generator.digest, precision=args.precision) if args.picard_actors else None
+                                 # the replica's own, resolved on its device: the actors' may have another
+                                 digest=self.generator.digest, precision=self.generator.precision) if args.picard_actors else None
         self.args = args
         self.ongoing = 0
         self.queue: deque[_Job] = deque()

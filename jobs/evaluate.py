@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from socarrat import storage
 from socarrat.cli import add_precision_flag, add_sampler_flags, check_at_least, one_line, sampler_spec
-from socarrat.config import SamplerSpec
-from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, evaluation_prompts, overall, score
+from socarrat.config import COMPILE_HELP, SamplerSpec
+from socarrat.datasets.shapes import ABSOLUTE, CATEGORIES, RELATIVE, PromptSpec, evaluation_prompts, overall, score
 from socarrat.errors import UserError
 from socarrat.generator import Generator
 
@@ -49,13 +49,18 @@ def contact_sheet(images: list[Image.Image], captions: list[str], passed: list[b
     return sheet
 
 
+def evaluation_jobs(num_prompts: int, num_seeds: int) -> list[tuple[str, PromptSpec, int]]:
+    """(caption, what it asks, seed) of every image an evaluation makes, in order; UserError for
+    more prompts than there are held-out captions."""
+    return [(caption, spec, seed) for seed in range(num_seeds) for caption, spec in evaluation_prompts(num_prompts)]
+
+
 def evaluate(generator: Generator, spec: SamplerSpec, num_prompts: int = 300, num_seeds: int = 2,
              batch_size: int = 64, sheet_size: int = 36, progress: bool = True) -> dict:
     """Scores of `generator` under `spec`: {"summary": {..., "scores": {category: accuracy, "overall"},
     "stderr": the same keys, "position_kinds": {"absolute" | "relative": {"accuracy", "images"}}},
     "rows", "sheet"}."""
-    prompts = evaluation_prompts(num_prompts)
-    jobs = [(caption, prompt_spec, seed) for seed in range(num_seeds) for caption, prompt_spec in prompts]
+    jobs = evaluation_jobs(num_prompts, num_seeds)
     rows, images = [], []
     start = time.perf_counter()
     for i in tqdm(range(0, len(jobs), batch_size), desc="evaluating", disable=not progress):
@@ -154,16 +159,15 @@ def main(argv: list[str] | None = None) -> int:
                    "also print and record the paired difference from it")
     add_sampler_flags(p)
     add_precision_flag(p)
-    p.add_argument("--compile", action="store_true", help="model calls under torch.compile: a minute or so of "
-                   "compiling first, then faster calls (CUDA graphs on a GPU)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     args = p.parse_args(argv)
     try:
         spec = sampler_spec(args)
         check_at_least(args, prompts=len(CATEGORIES), seeds=1, batch_size=1)  # a prompt per category
-        prompts = evaluation_prompts(args.prompts)  # at most 515: the held-out captions there are, checked before the model loads
+        jobs = evaluation_jobs(args.prompts, args.seeds)  # at most 515 prompts, checked before the model loads
         earlier = read_rows(args.against) if args.against else None
         if earlier is not None:  # before any image is made
-            check_same_images([{"prompt": p, "seed": s} for s in range(args.seeds) for p, _ in prompts], earlier)
+            check_same_images([{"prompt": caption, "seed": seed} for caption, _, seed in jobs], earlier)
         storage.check_writable(args.out)
         report = evaluate(Generator.load(args.model, precision=args.precision, compile=args.compile), spec, args.prompts, args.seeds, args.batch_size)
         if earlier is not None:

@@ -44,9 +44,9 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from socarrat import massgen, shards, storage
-from socarrat.cli import add_precision_flag, add_sampler_flags, one_line, sampler_spec
+from socarrat.cli import add_precision_flag, add_sampler_flags, one_line, sampler_spec, with_default
 from socarrat.checkpoint import describe_checkpoint
-from socarrat.config import Precision, SamplerSpec, check_size
+from socarrat.config import COMPILE_HELP, PRECISION_HELP, Precision, SamplerSpec, check_size
 from socarrat.errors import UserError
 from socarrat.generator import Generator, resolve_spec
 
@@ -74,10 +74,8 @@ class GenerateJob(BaseModel):
         "fractions allowed; None: 1 if the cluster has GPUs at the start, else 0 (on a cluster that "
         "adds GPU workers on demand, give it)"))
     num_cpus_per_worker: float = Field(1, gt=0)
-    precision: Precision = Field("auto", description="what model calls compute in: auto = bf16 on a GPU, fp32 on "
-                                 "the CPU; bf16 is faster on CPUs with AMX")
-    compile: bool = Field(False, description="model calls under torch.compile: each worker first compiles for a "
-                          "minute or so, then calls run faster (CUDA graphs on a GPU)")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    compile: bool = Field(False, description=COMPILE_HELP)
     min_workers: int = Field(1, ge=1)
     max_workers: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
 
@@ -145,8 +143,8 @@ def run(job: GenerateJob) -> dict[str, Any]:
     # The model's defaults filled in: keys do not depend on how they were given.
     spec = massgen.check_spec(resolve_spec(model.spec, job.spec), max_steps)
     check_size(spec.height_px or model.spec.size_px, spec.width_px or model.spec.size_px, model.pixel_multiple)
-    settings = massgen.RunSettings(model_digest=model.digest, spec=spec,
-                                   images_per_prompt=job.images_per_prompt, seed_base=job.seed_base)
+    settings = massgen.RunSettings(model_digest=model.digest, spec=spec, images_per_prompt=job.images_per_prompt,
+                                   seed_base=job.seed_base, precision=job.precision)
     store = storage.open_store(job.out)
     massgen.claim_output(store, settings)
     run_id = _run_id()
@@ -309,9 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind in [("images_per_prompt", int), ("seed_base", int), ("batch_size", int), ("shard_size", int),
                        ("min_workers", int), ("max_workers", int), ("num_gpus_per_worker", float),
                        ("num_cpus_per_worker", float)]:
-        default = fields[name].default
-        text = " ".join(filter(None, [fields[name].description, None if default is None else f"(default: {default})"]))
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=fields[name].default,
+                       help=with_default(fields[name].description, fields[name].default))
     args = p.parse_args(argv)
     try:
         job = GenerateJob(spec=sampler_spec(args), **{k: v for k, v in vars(args).items() if k in fields})

@@ -19,7 +19,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from socarrat import storage
-from socarrat.cli import one_line
+from socarrat.cli import check_at_least, one_line, with_default
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
 from socarrat.training import TrainConfig, TrainResult, preflight, train
@@ -42,8 +42,6 @@ def _ray_worker(config: dict) -> None:
 
 def run(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False) -> TrainResult | None:
     """Train in this process (num_workers=0) or on `num_workers` Ray Train workers."""
-    if num_workers < 0:
-        raise UserError(f"--num-workers must be >= 0 (0 = in this process), got {num_workers}")
     preflight(cfg)  # a user mistake fails here in one line, not as a worker's traceback, an hour in
     if num_workers == 0:
         return train(cfg)
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if field.annotation is bool:
             p.add_argument(flag, action="store_true", help=field.description)
             continue
-        text = " ".join(filter(None, [field.description, None if field.default is None else f"(default: {field.default})"]))
+        text = with_default(field.description, field.default)
         kind = next((a for a in get_args(field.annotation) if a is not type(None)), field.annotation)  # X | None -> X
         if get_origin(kind) is Literal:
             p.add_argument(flag, choices=get_args(kind), default=field.default, help=text)
@@ -115,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (default: CPU workers)")
     args = p.parse_args(argv)
     try:
+        check_at_least(args, num_workers=0)
         fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and k != "model"}
         spec = _model_spec(args.model_spec, size_px=args.size_px, backbone=args.backbone, family=args.family)
         cfg = TrainConfig(model=spec, **fields)

@@ -210,6 +210,9 @@ def test_other_settings_replace_job_json_until_an_image_is_published_then_are_re
     for check in (massgen.claim_output, massgen.confirm_settings):  # the one a waiting run makes, too
         with pytest.raises(UserError, match=r"records a run with other settings \(spec.steps: 3 -> 2\); rerun"):
             check(out, SETTINGS)
+    with pytest.raises(UserError, match=r"\(precision: auto -> bf16\)"):
+        massgen.claim_output(out, other.model_copy(update={"precision": "bf16"}))
+    assert massgen.RunSettings.model_validate_json('{"model_digest": "%s"}' % ("0" * 64)).precision == "auto"
 
 
 def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(tmp_path, store_uri):
@@ -522,6 +525,7 @@ def test_a_token_model_runs_through_the_same_job_in_the_precision_asked(ray_sess
     assert {(r["sampler"], r["steps"]) for r in manifest} == {("paella", 4)}
     samples = {key: members for uri in Path(out, "shards").glob("*.tar") for key, members in read_shard(str(uri))}
     assert {json.loads(members["json"])["precision"] for members in samples.values()} == {"bf16"}
+    assert json.loads(Path(out, massgen.JOB).read_text())["precision"] == "bf16"  # a rerun must ask for it too
     reference = Generator.load(tiny_token_checkpoint, device="cpu", precision="bf16")
     for row in manifest:
         [want] = reference.generate([row["prompt"]], [row["seed"]], SamplerSpec(steps=4))

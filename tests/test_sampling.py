@@ -70,6 +70,14 @@ def test_cfg_identities():
     assert torch.allclose(cfg_denoiser(model, 4.0)(x, t, (pos, neg))[:, 0, 0, 0], torch.tensor([5.0, 9.0]))
 
 
+def test_cfg_combines_bf16_outputs_in_float32():
+    model = lambda x, t, cond: (x * torch.tensor(cond)[:, None, None, None]).bfloat16()
+    x, t = torch.ones(1, *SHAPE), torch.zeros(1, dtype=torch.long)
+    pos, neg = Cond([1.0 + 2**-7]), Cond([1.0])  # one bf16 step apart
+    out = cfg_denoiser(model, 7.5)(x, t, (pos, neg))
+    assert out.dtype == torch.float32 and out[0, 0, 0, 0].item() == 1.0 + 7.5 * 2**-7  # in bf16: 1.0625
+
+
 def test_unknown_sampler_is_a_user_error():
     from socarrat.errors import UserError
 

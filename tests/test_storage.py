@@ -11,6 +11,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from socarrat import storage
 from socarrat.errors import NotFoundError, UserError
 from socarrat.s3 import S3Store
 from socarrat.storage import Store, is_remote, join, open_store, read_bytes, write_bytes
@@ -25,6 +26,13 @@ def _small_parts(uri: str) -> Store:
     if isinstance(store, S3Store):
         return S3Store(store.bucket, store.prefix, part_size_bytes=PART_SIZE_BYTES)
     return store
+
+
+def test_parent_of_a_full_uri() -> None:
+    assert [storage.parent(u) for u in ("x.png", "/x.png", "a/b/x.png", "file:///tmp/x.png", "s3://b/p/x.png")] == [
+        ".", "/", "a/b", "/tmp", "s3://b/p"]
+    with pytest.raises(UserError, match="an empty path"):
+        storage.parent("")
 
 
 def test_put_get_round_trip(store_uri: str) -> None:

@@ -18,7 +18,7 @@ from conftest import TINY_SPEC
 from jobs.evaluate import evaluate, paired_difference, read_rows, write_report
 from jobs.train import run
 from socarrat import storage
-from socarrat.checkpoint import save_checkpoint
+from socarrat.checkpoint import latest_checkpoint, save_checkpoint
 from socarrat.cli import main as cli
 from socarrat.config import HDiTSpec, SamplerSpec
 from socarrat.datasets.shapes import CATEGORIES
@@ -26,8 +26,7 @@ from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
 from socarrat.models import build_model, parameter_count
-from socarrat.training import (GaussianObjective, TrainConfig, default_weighting, latest_checkpoint, load_examples, loss_weights,
-                                lr_at, train)
+from socarrat.training import GaussianObjective, TrainConfig, default_weighting, load_examples, loss_weights, lr_at, train
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +191,7 @@ def test_weights_without_their_train_state_are_not_resumed(shards, tmp_path, tin
     (["--out", "FILE/run"], "FILE/run"),  # under a file: no checkpoint could ever be written
     (["--model-spec", '{"prediction": "eps"}', "--loss-weighting", "capped-v"], "capped-v needs v-prediction"),
     (["--model-spec", "{bad"], "--model-spec '{bad': not valid JSON"),
-    (["--num-workers", "-1"], "--num-workers must be >= 0 (0 = in this process), got -1"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
 ])
 def test_train_job_refuses_bad_flags_and_an_unwritable_out_before_any_work(shards, tmp_path, capsys, flags, message):
     from jobs.train import main

@@ -47,9 +47,17 @@ def bundled_models() -> dict[str, Path]:
     return {p.parent.name: p.parent for p in sorted(root.glob(f"*/{CONFIG}"))}
 
 
+def latest_checkpoint(out: str) -> tuple[int, str] | None:
+    """(step, URI) of the newest complete checkpoint under a training run's `out`: one whose
+    config.json exists."""
+    steps = [int(m.group(1)) for k in storage.open_store(out).list() if (m := re.fullmatch(rf"step-(\d+)/{CONFIG}", k))]
+    return (max(steps), storage.join(out, f"step-{max(steps):08d}")) if steps else None
+
+
 def check_model_name(name_or_uri: str) -> None:
     """NotFoundError for a model that is not bundled and not a path or URI either (a name's typo);
-    reads nothing, so it can run where a checkpoint's path does not exist (a Serve app's head node)."""
+    reads no checkpoint, so it can run where a checkpoint's path does not exist (a Serve app's head
+    node)."""
     bundled = bundled_models()
     if not (name_or_uri in bundled or "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri)):
         raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled "
@@ -114,8 +122,8 @@ def _local_copy(uri: str) -> Path:
     if not storage.is_remote(uri):
         path = Path(uri.removeprefix("file://"))
         if not (path / CONFIG).is_file():
-            steps = sorted(p for p in path.glob("step-*") if (p / CONFIG).is_file()) if path.is_dir() else []
-            hint = f"; it is a training run: its newest checkpoint is {steps[-1]}" if steps else ""
+            newest = latest_checkpoint(str(path)) if path.is_dir() else None
+            hint = f"; it is a training run: its newest checkpoint is {newest[1]}" if newest else ""
             raise NotFoundError(f"no checkpoint at {uri} (expected {path / CONFIG}){hint}")
         return path
     store = storage.open_store(uri)

@@ -46,10 +46,14 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_precision_flag(parser: argparse.ArgumentParser) -> None:
     """--precision, shared by every command that loads a model to sample with."""
-    from socarrat.config import PRECISIONS
+    from socarrat.config import PRECISION_HELP, PRECISIONS
 
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="what model calls compute in: "
-                        "auto = bf16 on a GPU, fp32 on the CPU; bf16 is faster on CPUs with AMX (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=with_default(PRECISION_HELP, "auto"))
+
+
+def with_default(description: str | None, default: object) -> str:
+    """A flag's help: its description, then its default unless that is None."""
+    return " ".join(filter(None, [description, None if default is None else f"(default: {default})"]))
 
 
 def sampler_spec(args: argparse.Namespace):
@@ -78,7 +82,7 @@ def _check_out(args: argparse.Namespace) -> None:
     check_at_least(args, seed=0)
     if Path(args.out).suffix.lower() != ".png":
         raise UserError(f"--out must end in .png, got {args.out}")
-    storage.check_writable(args.out.rpartition("/")[0] or ".")
+    storage.check_writable(storage.parent(args.out))
 
 
 def _save(result, args: argparse.Namespace) -> None:

@@ -23,6 +23,9 @@ MAX_CONTEXT = 77  # tokens, the most a built-in text encoder reads (CLIP's conte
 # Sapphire Rapids and later) makes model calls ~1.3-2.3x faster (`benchmarks/precision.py`).
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+PRECISION_HELP = "what model calls compute in: auto = bf16 on a GPU, fp32 on the CPU; bf16 is faster on CPUs with AMX"
+COMPILE_HELP = ("model calls under torch.compile (CUDA graphs on a GPU): each new batch shape compiles first, "
+                "tens of seconds, then calls run faster")
 
 
 def check_precision(precision: str) -> None:

@@ -178,8 +178,11 @@ def padded_rows(n: int) -> int:
 class CompiledModel:
     """`model`'s forward under torch.compile, called as the model is. Each call's rows are padded up to
     a power of two (repeating the last row) and the padding dropped from the output: every new shape
-    compiles once (tens of seconds on a CPU), so that a few shapes cover every batch and Picard window.
-    On a GPU it runs as a CUDA graph (`mode="reduce-overhead"`): one launch a call, not one a kernel."""
+    compiles once (tens of seconds on a CPU), so that a few shapes cover the batches of a run (1 to
+    128 rows: 8 shapes). Past torch's recompile limit (`torch._dynamo.config.recompile_limit`, 8)
+    further shapes run eager, as Picard over large batches can meet them (up to 2 x window x batch
+    rows). On a GPU it runs as a CUDA graph (`mode="reduce-overhead"`): one launch a call, not one a
+    kernel."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.graphs = device.type == "cuda"
@@ -245,7 +248,7 @@ class Generator:
     ) -> list[Result]:
         """One image per (prompt, seed). The image for (prompt, seed, spec) does not depend on the
         rest of the batch: noise comes from a per-sample generator and every op is per-sample (up to
-        float rounding, which a batch's shape can change: bit-exact in fp32 on the CPU, ~1e-3 under
+        float rounding, which a batch's shape can change: bit-exact in eager fp32 on the CPU, ~1e-3 under
         a GPU's bf16 autocast; a rare token of a token model can flip).
         `edit` (token models) pins or starts from the tokens of given images (see `Edit`); `blend`
         interpolates each prompt's conditioning towards another prompt's (any model). `denoiser`

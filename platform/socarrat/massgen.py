@@ -40,7 +40,9 @@ and is taken over; any other lease makes the new run stop with an error naming t
 whose lease was taken over all the same (it stalled that long) publishes nothing more
 (`check_lease`, before each tar and again before its manifest part). (Two runs that find the same
 stale lease at the same instant can both take it over; S3 offers no compare-and-delete that would
-close that window.)
+close that window. Nor does a check close it: a run that stalls for LEASE_STALE_S between its last
+check and a manifest part publishes that part after another run took over; where that run had
+replaced job.json, nothing being published yet, the part's images have the old settings.)
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from socarrat import shards, storage
-from socarrat.config import MAX_PROMPT_CHARS, SamplerSpec
+from socarrat.config import MAX_PROMPT_CHARS, Precision, SamplerSpec
 from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator, Result
 
@@ -97,12 +99,13 @@ SeedBase = Annotated[int, Field(ge=0, lt=2**63, description="seeds of rows witho
 
 class RunSettings(_Frozen):
     """Everything that decides a run's images; every run into one --out must repeat it once an image
-    is published there."""
+    is published there. (Precision "auto" is each worker's own: bf16 on a GPU, fp32 on a CPU.)"""
 
     model_digest: str
     spec: SamplerSpec = SamplerSpec()
     images_per_prompt: ImagesPerPrompt = 1
     seed_base: SeedBase = 0
+    precision: Precision = "auto"  # a default, so that job.json files written before it still load
 
 
 class ImageTask(_Frozen):

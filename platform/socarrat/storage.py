@@ -174,6 +174,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     store.put_bytes(key, data)
 
 
+def parent(uri: str) -> str:
+    """The folder or prefix holding the object at a full URI (`s3://b/p/x.png` -> `s3://b/p`)."""
+    if is_remote(uri):
+        return uri.rpartition("/")[0]
+    return str(_local_path(uri).parent)
+
+
 def _split(uri: str) -> tuple[Store, str]:
     if is_remote(uri):
         bucket, _, key = uri.removeprefix("s3://").partition("/")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -25,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.checkpoint import CONFIG, WEIGHTS_DTYPE, describe_checkpoint, load_checkpoint, save_checkpoint
+from socarrat.checkpoint import CONFIG, WEIGHTS_DTYPE, describe_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
 from socarrat.models import GaussianModel, TokenModel, build_model
@@ -212,12 +211,6 @@ def load_examples(uri: str, size_px: int) -> Examples:
     if not images:
         raise UserError(f"no readable samples in the shards under {uri}")
     return Examples(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions, stats["corrupt"])
-
-
-def latest_checkpoint(out: str) -> tuple[int, str] | None:
-    """(step, URI) of the newest complete checkpoint under `out`: one whose config.json exists."""
-    steps = [int(m.group(1)) for k in storage.open_store(out).list() if (m := re.fullmatch(rf"step-(\d+)/{CONFIG}", k))]
-    return (max(steps), storage.join(out, f"step-{max(steps):08d}")) if steps else None
 
 
 def resume_point(cfg: TrainConfig) -> tuple[int, str, dict] | None:

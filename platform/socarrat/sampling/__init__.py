@@ -40,14 +40,15 @@ def sample(
 
 def cfg_denoiser(model: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], guidance: float) -> Denoise:
     """Classifier-free guidance: cond is (positive, negative) conditioning, each indexable per sample
-    and concatenable with `type(cond).cat`. Guidance 1 evaluates the positive prompt alone."""
+    and concatenable with `type(cond).cat`. Guidance 1 evaluates the positive prompt alone. Outputs
+    are combined in float32: under bf16 autocast out_pos - out_neg would cancel in 8 bits."""
 
     def denoise(x: torch.Tensor, t: torch.Tensor, cond: tuple[Any, Any]) -> torch.Tensor:
         positive, negative = cond
         if guidance == 1:
-            return model(x, t, positive)
+            return model(x, t, positive).float()
         both = type(positive).cat([positive, negative])
-        out_pos, out_neg = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        out_pos, out_neg = model(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)
         return out_neg + guidance * (out_pos - out_neg)
 
     return denoise
