@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from fastapi import FastAPI, Request
 from starlette.datastructures import UploadFile  # what request.form() returns (FastAPI's is a subclass)
+from starlette.exceptions import HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -527,6 +528,12 @@ async def _invalid(request: Request, err: ValidationError) -> JSONResponse:
     return _error(400, message, "invalid_request_error", param, first["type"])
 
 
+@api.exception_handler(HTTPException)  # no such route (404), or not with this method (405)
+async def _no_route(request: Request, err: HTTPException) -> JSONResponse:
+    return _error(err.status_code, f"{err.detail}: {request.method} {request.url.path}", "invalid_request_error",
+                  headers=err.headers)
+
+
 @api.exception_handler(json.JSONDecodeError)
 @api.exception_handler(UnicodeDecodeError)  # json.loads of bytes that are not UTF-8
 async def _not_json(request: Request, err: ValueError) -> JSONResponse:
@@ -626,7 +633,7 @@ class ImageAPI:
         request_id = uuid.uuid4().hex
         urls = []
         for i, png in enumerate(pngs):
-            key = f"images/{request_id}/{i}.png"
+            key = f"{request_id}/{i}.png"  # store_uri names the images' own folder
             self.store.put_bytes(key, png)
             urls.append(self.store.share_url(key, self.args.url_expires_s))
         return urls

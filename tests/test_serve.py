@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import boto3
 import numpy as np
@@ -252,6 +254,15 @@ def test_bad_input_gets_400_naming_the_field(main: Served, body, param):
         assert error["message"].startswith(f"{param}: ")
 
 
+def test_unknown_routes_and_methods_get_openais_error_shape(main: Served):
+    for path, status, reason in (("/v1/nothing", 404, "Not Found"), ("/v1/images/generations", 405, "Method Not Allowed")):
+        response = requests.get(f"{main.base}{path}")
+        error = response.json()["error"]
+        assert response.status_code == status and error["type"] == "invalid_request_error"
+        assert error["message"] == f"{reason}: GET {urlparse(main.base).path}{path}"  # the app's route prefix too
+    assert response.headers["allow"] == "POST"
+
+
 def test_bad_input_through_the_openai_client_and_the_replica_keeps_serving(main: Served):
     client = main.client()
     with pytest.raises(openai.BadRequestError) as err:
@@ -277,12 +288,12 @@ def test_url_responses_land_in_the_object_store(request: pytest.FixtureRequest, 
     url = by_url.data[0].url
     if app == "main":  # S3: a presigned HTTP(S) URL that needs no credentials
         bucket = served.store_uri.removeprefix("s3://").split("/")[0]
-        assert url.startswith(f"{os.environ['AWS_ENDPOINT_URL']}/{bucket}/served/images/") and "Signature=" in url
+        assert re.match(rf"{os.environ['AWS_ENDPOINT_URL']}/{bucket}/served/[0-9a-f]{{32}}/0\.png\?", url) and "Signature=" in url
         assert requests.get(url).status_code == 200
         got = requests.get(url).content
         assert requests.get(url.split("?")[0]).status_code == 403  # the object itself is not public
     else:
-        assert url.startswith(storage.open_store(served.store_uri).uri + "/images/")
+        assert re.fullmatch(rf"{storage.open_store(served.store_uri).uri}/[0-9a-f]{{32}}/0\.png", url)
         got = storage.read_bytes(url)
     assert np.array_equal(pixels(got), b64_pixels(by_value)[0])
 
