@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from socarrat.config import SamplerSpec
 from socarrat.datasets.shapes import evaluation_prompts, score
-from socarrat.generator import CompiledModel, Generator, model_precision
+from socarrat.generator import Generator, model_precision
 from socarrat.models import parameter_count
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import PicardStats, sample_picard, take_rows
@@ -126,15 +126,14 @@ def median_ms(fn, repeats: int = 7) -> float:
     return 1000 * sorted(timed(fn)[1] for _ in range(repeats))[repeats // 2]
 
 
-def run_config(gen: Generator, calls, sampler: str, steps: int, prompts: list[str], groups: dict, args) -> list[dict]:
-    """The rows of one solver and step count; `calls` evaluates the model (it, or it compiled)."""
+def run_config(gen: Generator, sampler: str, steps: int, prompts: list[str], groups: dict, args) -> list[dict]:
     model, device = gen.model, gen.device
     schedule = Schedule.create(gen.spec.schedule, gen.spec.train_timesteps, args.spacing, steps)
     step = make_step(sampler, schedule, gen.spec.prediction, gen.spec.clip_sample)
     seeds = [args.seed + i for i in range(len(prompts))]
     x, noises = draw_noise(seeds, gen.image_shape(SamplerSpec()), steps, sampler == "ddpm", device)
     cond = (model.encode(prompts), model.encode([""] * len(prompts)))
-    denoise = uncounted(cfg_denoiser(calls, args.guidance))
+    denoise = uncounted(cfg_denoiser(gen.calls, args.guidance))  # compiled once for every config
 
     def model_call(size: int) -> tuple:
         """(x, t, rows) of a model call on `size` states cycling through the batch."""
@@ -244,20 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     args.actors = [int(k) for k in args.actors.split(",") if k]
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = Generator.load(args.model, device=args.device)
+    gen = Generator.load(args.model, device=args.device, compile=args.compile)
     groups = start_groups(gen, args)
     prompts = [p for p, _ in evaluation_prompts(args.batch)] if args.batch > 1 else [args.prompt]
     print(f"model {gen.name} ({parameter_count(gen.model) / 1e6:.1f}M params), device {gen.device}, batch {len(prompts)}, "
           f"guidance {args.guidance}, window {args.window}{', compiled' if args.compile else ''}\n")
     print(HEADER + "\n" + "-" * len(HEADER))
     rows = []
-    calls = CompiledModel(gen.model, gen.device) if args.compile else gen.model  # one for all: torch.compile
-    # compiles each shape once per wrapper, and stops compiling past its recompile limit
     # Generator's execution mode, for every method alike: bf16 autocast on a GPU, fp32 on the CPU.
     with torch.inference_mode(), model_precision(gen.device):
         for item in args.steps_list.split(","):
             sampler, steps = item.split(":")
-            config_rows = run_config(gen, calls, sampler, int(steps), prompts, groups, args)
+            config_rows = run_config(gen, sampler, int(steps), prompts, groups, args)
             print_rows(config_rows)
             rows += config_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ def test_compiled_model_calls_pad_to_a_power_of_two_and_give_the_eager_images(ti
     eager = Generator(tiny_model, "0" * 64, "tiny-test", "cpu")
     compiled = Generator(tiny_model, "0" * 64, "tiny-test", "cpu", compile=True)
     calls = []
-    compiled._calls.forward = _recording(compiled._calls.forward, calls)
+    compiled.calls.forward = _recording(compiled.calls.forward, calls)
     for a, b in zip(pixels(eager.generate(prompts, seeds, spec)), pixels(compiled.generate(prompts, seeds, spec))):
         assert np.abs(a.astype(int) - b).max() <= 1  # float rounding: other kernels, another batch shape
     assert calls == [8, 8]  # 3 prompts x 2 (CFG) rows, padded to 8, once a step

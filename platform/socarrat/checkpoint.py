@@ -54,14 +54,17 @@ def latest_checkpoint(out: str) -> tuple[int, str] | None:
     return (max(steps), storage.join(out, f"step-{max(steps):08d}")) if steps else None
 
 
-def check_model_name(name_or_uri: str) -> None:
-    """NotFoundError for a model that is not bundled and not a path or URI either (a name's typo);
-    reads no checkpoint, so it can run where a checkpoint's path does not exist (a Serve app's head
-    node)."""
+def check_model_name(name_or_uri: str) -> Path | None:
+    """A bundled model's directory, or None for a path or URI; NotFoundError for a model that is
+    neither (a name's typo). Reads no checkpoint, so it can run where a checkpoint's path does not
+    exist (a Serve app's head node)."""
     bundled = bundled_models()
-    if not (name_or_uri in bundled or "/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri)):
+    if name_or_uri in bundled:
+        return bundled[name_or_uri]
+    if not ("/" in name_or_uri or storage.is_remote(name_or_uri) or os.path.exists(name_or_uri)):
         raise NotFoundError(f"unknown model {name_or_uri!r}: not a path, not an s3:// URI, and not bundled "
                             f"({', '.join(bundled) or 'none bundled'})")
+    return None
 
 
 def save_checkpoint(model: GaussianModel, uri: str, dtype: torch.dtype = WEIGHTS_DTYPE, extra: dict | None = None) -> str:
@@ -140,12 +143,9 @@ def _open(name_or_uri: str | None) -> tuple[Path, dict | None, str]:
     """(local directory, config, digest) of a model, an s3:// one downloaded into the cache once;
     config is None for a diffusers pipeline. A Socarrat checkpoint's weights are checked against
     the sha256 in its config."""
-    bundled = bundled_models()
     name_or_uri = name_or_uri or DEFAULT_MODEL
-    check_model_name(name_or_uri)
-    if name_or_uri in bundled:
-        path = bundled[name_or_uri]
-    else:
+    path = check_model_name(name_or_uri)
+    if path is None:
         if storage.open_store(name_or_uri).exists("model_index.json"):
             path, digest = _diffusers_copy(name_or_uri)
             return path, None, digest

@@ -189,9 +189,9 @@ class CompiledModel:
         self.forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if self.graphs else None)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: Any) -> torch.Tensor:
-        n = len(x)
-        if padded_rows(n) > n:
-            index = torch.arange(padded_rows(n), device=x.device).clamp_(max=n - 1)
+        n, size = len(x), padded_rows(len(x))
+        if size > n:
+            index = torch.arange(size, device=x.device).clamp_(max=n - 1)
             x, t, text = x[index], t[index], text[index]
         out = self.forward(x, t, text)[:n]
         return out.clone() if self.graphs else out  # a CUDA graph's next replay overwrites its output
@@ -205,8 +205,9 @@ class Generator:
         self.device = torch.device(device) if device else default_device()
         self.precision = resolve_precision(self.device, precision)  # "bf16" or "fp32" from here on
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.digest, self.name, self.compiled = digest, name, compile
-        self._calls = CompiledModel(self.model, self.device) if compile else self.model  # the denoiser's calls
+        self.digest, self.name = digest, name
+        # What the denoiser calls: the model, or it compiled (the model encodes and decodes eager).
+        self.calls = CompiledModel(self.model, self.device) if compile else self.model
 
     @classmethod
     def load(cls, name_or_uri: str | None = None, device: torch.device | str | None = None,
@@ -216,6 +217,10 @@ class Generator:
         torch.compile (see `CompiledModel`), which pays off over many calls of few shapes."""
         model, config = load_checkpoint(name_or_uri, device="cpu")
         return cls(model, config["sha256"], name_or_uri or DEFAULT_MODEL, device, precision, compile)
+
+    @property
+    def compiled(self) -> bool:
+        return isinstance(self.calls, CompiledModel)
 
     @property
     def spec(self) -> ModelSpec:
@@ -301,7 +306,7 @@ class Generator:
         return x, schedule, make_step(spec.sampler, schedule, self.spec.prediction, self.spec.clip_sample), noises
 
     def _local_denoiser(self, cond: Any, guidance: float) -> AbstractContextManager[tuple[Denoise, Any]]:
-        return nullcontext((cfg_denoiser(self._calls, guidance), cond))
+        return nullcontext((cfg_denoiser(self.calls, guidance), cond))
 
     def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, schedule: TokenSchedule, noises: torch.Tensor,
                    denoise: Denoise, cond: Any):
