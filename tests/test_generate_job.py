@@ -522,7 +522,7 @@ def test_a_token_model_runs_through_the_same_job_in_the_precision_asked(ray_sess
                               spec=SamplerSpec(steps=4), batch_size=2, shard_size=4, max_workers=1, precision="bf16"))
     assert summary["images_generated"] == 2
     manifest = pq.read_table(str(Path(out, "manifest"))).to_pylist()
-    assert {(r["sampler"], r["steps"]) for r in manifest} == {("paella", 4)}
+    assert {(r["sampler"], r["steps"], r["precision"]) for r in manifest} == {("paella", 4, "bf16")}
     samples = {key: members for uri in Path(out, "shards").glob("*.tar") for key, members in read_shard(str(uri))}
     assert {json.loads(members["json"])["precision"] for members in samples.values()} == {"bf16"}
     assert json.loads(Path(out, massgen.JOB).read_text())["precision"] == "bf16"  # a rerun must ask for it too

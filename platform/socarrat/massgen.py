@@ -16,7 +16,7 @@ Output layout under --out (`socarrat.shards` owns the tar + manifest pair):
     shards/{name}.tar        {key}.png + {key}.json per image, members grouped by key
     manifest/{name}.parquet  one row per image: key, shard, prompt, seed, sampler settings, model,
                              whether a prompt was cut to the text context (prompt_truncated,
-                             negative_prompt_truncated)
+                             negative_prompt_truncated), the precision the model ran in
     failures.jsonl           the input rows rejected, with the reason
     summary.json             counts and timings of the latest run
 
@@ -85,6 +85,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("steps", pa.int32()), ("spacing", pa.string()), ("guidance", pa.float64()),
     ("height_px", pa.int32()), ("width_px", pa.int32()),
     ("prompt_truncated", pa.bool_()), ("negative_prompt_truncated", pa.bool_()),  # longer than the text context
+    ("precision", pa.string()),  # "bf16" or "fp32", as the worker resolved it; null in parts written before it
 ])
 
 
@@ -482,7 +483,7 @@ def publish(store: storage.Store, run_id: str, name: str, tasks: list[ImageTask]
             "negative_prompt": task.negative_prompt, "seed": task.seed, "model": meta["model"],
             "model_digest": meta["model_digest"], "height_px": result.image.height,
             "width_px": result.image.width, "prompt_truncated": meta["prompt_truncated"],
-            "negative_prompt_truncated": meta["negative_prompt_truncated"],
+            "negative_prompt_truncated": meta["negative_prompt_truncated"], "precision": meta["precision"],
             **task.spec.model_dump(include={"sampler", "steps", "spacing", "guidance"}),
         })
     encode_s = time.perf_counter() - t0
