@@ -64,7 +64,7 @@ class GenerateJob(BaseModel):
 
     prompts: str = Field(min_length=1, description="prompt file, folder, prefix or glob; local or s3://")
     out: str = Field(min_length=1, description="output folder or s3:// prefix")
-    model: str | None = Field(None, description="bundled name, checkpoint dir or s3:// prefix; None: the default")
+    model: str | None = Field(None, description="bundled name, checkpoint dir or s3:// prefix; None: the default, shapes-gaussian")
     images_per_prompt: massgen.ImagesPerPrompt = 1
     spec: SamplerSpec = SamplerSpec()
     seed_base: massgen.SeedBase = 0

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.autoscaler._private.aws.config import _create_default_inbound_rules
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,5 +35,9 @@ def test_aws_config_after_ray_fills_its_defaults():
     assert head["resources"] == {"CPU": 0} and head["max_workers"] == 0
     assert config["idle_timeout_minutes"] > 0 and config["upscaling_speed"] > 0
     assert "pip install -q -e /home/ray/socarrat" in config["setup_commands"]
-    rules = config["provider"]["security_group"]["IpPermissions"]
-    assert [r["FromPort"] for r in rules] == [22]  # Ray's ports stay inside the cluster
+    assert all("SecurityGroupIds" not in t["node_config"] for t in config["available_node_types"].values())
+    # So Ray creates the group, with its default rules and the config's own: only SSH from outside.
+    extra = config["provider"]["security_group"].get("IpPermissions")
+    rules = _create_default_inbound_rules(["sg-cluster"], extra)
+    assert [(r["FromPort"], r["ToPort"]) for r in rules if r.get("IpRanges")] == [(22, 22)]
+    assert [r["UserIdGroupPairs"] for r in rules if not r.get("IpRanges")] == [[{"GroupId": "sg-cluster"}]]

@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "step's level (structural editing; 0 = from noise)")
     edit.add_argument("--prompt", required=True)
     edit.add_argument("--negative-prompt", default="")
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--model", default="shapes-token", help="a token-family model")
+    edit.add_argument("--seed", type=int, default=0, help="the edit's random draws (default: 0)")
+    edit.add_argument("--model", default="shapes-token", help="a token-family model: bundled name, checkpoint dir "
+                      "or s3:// prefix (default: shapes-token)")
     edit.add_argument("--out", required=True, help="output .png path")
     add_sampler_flags(edit)
     add_precision_flag(edit)

@@ -64,7 +64,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) at the first --log-every "
                                       "step past this wall time: training that must fit one machine lease; "
-                                      "the same command resumes")
+                                      "the same command resumes; unset: no limit")
     log_every: int = Field(50, ge=1)
     init: str | None = Field(None, description="a checkpoint (bundled name, path or s3://) of this very model spec "
                              "whose weights start this run (fresh optimiser, step 0): go on training a model whose "
@@ -72,7 +72,7 @@ class TrainConfig(BaseModel):
     init_text: str | None = Field(None, description="a checkpoint (bundled name, path or s3://) whose text encoder "
                                   "starts this run's: a new backbone learns against a trained text tower")
     seed: int = Field(0, ge=0)
-    compile: bool = False
+    compile: bool = Field(False, description="run the training objective under torch.compile")
 
     @model_validator(mode="after")
     def _one_start(self) -> "TrainConfig":
