@@ -29,14 +29,13 @@ import requests
 import torch
 import yaml
 from PIL import Image
-from pydantic import ValidationError
 from ray import serve
 from ray.serve import RunTarget
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 from conftest import _free_port
-from deployments.text_to_image import AppArgs, ImageAPI, ImageGenerationRequest, ImageModel, ModelCard, _Job, build_app
+from deployments.text_to_image import AppArgs, ImageAPI, ImageModel, _Job, build_app
 from socarrat import storage
 from socarrat.config import MAX_PROMPT_CHARS, GenerationRequest, SamplerSpec
 from socarrat.errors import UserError
@@ -520,27 +519,6 @@ def test_check_health_reports_non_finite_weights(tiny_checkpoint: str):
         next(replica.generator.model.parameters()).fill_(float("nan"))
     with pytest.raises(RuntimeError, match="non-finite weights"):
         replica.check_health()
-
-
-CARD = ModelCard(id="m", created=0, digest="d", size_px=32, downsampling=8, family="gaussian", max_steps=100)
-
-
-def test_steps_are_capped_by_the_model_as_well_as_the_deployment():
-    context = {"args": AppArgs(max_steps=1000), "card": CARD}
-    assert ImageGenerationRequest.model_validate({"prompt": "x", "steps": 100}, context=context).steps == 100
-    with pytest.raises(ValidationError, match="more than this model can take"):
-        ImageGenerationRequest.model_validate({"prompt": "x", "steps": 101}, context=context)
-
-
-def test_picard_windows_fit_the_images_per_model_call():
-    def window(**fields) -> int | None:
-        context = {"args": AppArgs(max_batch_images=16), "card": CARD}
-        return ImageGenerationRequest.model_validate({"prompt": "x", "picard": True, **fields}, context=context).window
-
-    assert window() == 16 and window(n=4) == 4  # None: the most that fit, as SamplerSpec's 32 would not
-    assert window(n=4, window=50, steps=4) == 50  # a round holds min(window, steps) states per image
-    with pytest.raises(ValidationError, match="5 x 4 images per model call, over this deployment's cap of 16"):
-        window(n=4, window=5)  # the model's own ddim takes 50 steps
 
 
 def test_builder_args_from_the_command_line_are_validated():
