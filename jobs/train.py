@@ -77,9 +77,11 @@ def _model_spec(text: str | None, **overrides: object) -> ModelSpec:
             raise UserError(f"--model-spec {text!r} is neither JSON nor a file")
         try:
             data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"--model-spec {text[:80]!r}: not valid JSON ({err})") from None
-        data = data.get("model", data)  # a checkpoint's config.json works too
+        data = data.get("model", data) if isinstance(data, dict) else data  # a checkpoint's config.json works too
+        if not isinstance(data, dict):
+            raise UserError(f"--model-spec {text[:80]!r}: not a JSON object of ModelSpec fields")
     data |= {k: v for k, v in overrides.items() if v is not None}
     return ModelSpec.model_validate(data)
 

@@ -37,6 +37,14 @@ def test_alphas_cumprod_decrease_from_one(kind):
     assert torch.all(ac[1:] < ac[:-1])
 
 
+def test_a_short_linear_schedule_keeps_some_signal_at_its_end():
+    # Rescaled to T, the last betas of DDPM's linear schedule reach 1 below T = 21: clipped at 0.999.
+    for steps in (10, 20):
+        ac = alphas_cumprod("linear", steps)
+        assert torch.all(ac > 0) and torch.all(ac[1:] < ac[:-1])
+    assert torch.equal(alphas_cumprod("linear", 1000), torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
+
+
 def test_bad_steps_and_spacing():
     with pytest.raises(UserError, match="steps"):
         spaced_timesteps("trailing", 1000, 0)

@@ -26,7 +26,8 @@ from socarrat.errors import NotFoundError, UserError
 from socarrat.generator import Generator
 from socarrat.shards import list_shards, read_shard
 from socarrat.models import build_model, parameter_count
-from socarrat.training import GaussianObjective, TrainConfig, default_weighting, load_examples, loss_weights, lr_at, train
+from socarrat.training import (GaussianObjective, TrainConfig, default_weighting, load_examples, loss_weights, lr_at,
+                                preflight, train)
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +185,26 @@ def test_weights_without_their_train_state_are_not_resumed(shards, tmp_path, tin
     assert not ray.is_initialized()
 
 
+def test_a_token_run_resumes_only_with_its_own_vq_stage(shards, tmp_path):
+    spec = type(TINY_SPEC).model_validate({**TINY_SPEC.model_dump(), "family": "token"})
+    checkpoint = tmp_path / "run" / "step-00000700"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.pt").write_bytes(b"")
+    (checkpoint / "config.json").write_text(json.dumps({"model": spec.model_dump(mode="json"),
+                                                        "training": {"config": {"vq_steps": 500}}}))
+    # Resumed with another --vq-steps, steps 700-1999 would train the VQ again under a trained denoiser.
+    with pytest.raises(UserError, match="trains the VQ for the first 500 steps, this one asks for 2000; give --vq-steps 500"):
+        preflight(config(shards, str(tmp_path / "run"), model=spec, steps=3000))
+    preflight(config(shards, str(tmp_path / "run"), model=spec, steps=3000, vq_steps=500))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "inf"], "lr: Input should be a finite number"),
     (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
     (["--family", "token", "--steps", "2000"], "the token family trains its VQ for the first vq_steps (2000)"),
+    (["--family", "token", "--vq-steps", "0"], "vq_steps 0 trains the denoiser on the tokens of an untrained VQ"),
+    (["--model-spec", '{"model": 3}'], "not a JSON object of ModelSpec fields"),
+    (["--model-spec", "FILE"], "not valid JSON"),  # an empty file
     (["--out", "FILE/run"], "FILE/run"),  # under a file: no checkpoint could ever be written
     (["--model-spec", '{"prediction": "eps"}', "--loss-weighting", "capped-v"], "capped-v needs v-prediction"),
     (["--model-spec", "{bad"], "--model-spec '{bad': not valid JSON"),

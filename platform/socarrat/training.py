@@ -85,6 +85,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"the token family trains its VQ for the first vq_steps ({self.vq_steps}) of the "
                              f"{self.steps} steps, so its denoiser would never train: give more steps than "
                              "vq_steps (or vq_steps 0 with init of a trained token model)")
+        if self.model.family == "token" and self.vq_steps == 0 and not self.init:
+            raise ValueError("vq_steps 0 trains the denoiser on the tokens of an untrained VQ: give init, a trained "
+                             "token model whose VQ it keeps, or vq_steps > 0")
         return self
 
 
@@ -223,6 +226,10 @@ def resume_point(cfg: TrainConfig) -> tuple[int, str, dict] | None:
         if saved != cfg.model:
             raise UserError(f"cannot resume from {found[1]}: its model spec differs from the requested one "
                             f"({spec_difference(saved, cfg.model)})")
+        vq_steps = recorded.get("training", {}).get("config", {}).get("vq_steps", cfg.vq_steps)
+        if cfg.model.family == "token" and vq_steps != cfg.vq_steps:
+            raise UserError(f"cannot resume from {found[1]}: its run trains the VQ for the first {vq_steps} steps, "
+                            f"this one asks for {cfg.vq_steps}; give --vq-steps {vq_steps} to go on with it")
         if not storage.open_store(found[1]).exists(STATE):
             raise UserError(f"cannot resume from {found[1]}: it has weights but no {STATE} (optimiser and raw "
                             f"weights); start a new run from them with --init {found[1]} and another --out")

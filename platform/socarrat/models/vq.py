@@ -67,8 +67,9 @@ class VQ(nn.Module):
         codes = F.normalize(self.codebook, dim=1)[tokens].permute(0, 3, 1, 2)
         return self.decoder(codes.to(self.decoder[0].weight.dtype))
 
-    def loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Reconstruction + codebook + beta * commitment loss of a training batch (B, 3, H, W)."""
+    def loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruction + codebook + beta * commitment loss of a training batch (B, 3, H, W), and the
+        reconstruction loss alone (detached: a training step reads nothing back from the device)."""
         z = self._latents(images)
         if self.training:  # before the lookup: the codebook must not change between forward and backward
             self._restart_idle_codes(z.detach())
@@ -82,16 +83,16 @@ class VQ(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.idle_steps.add_(1).index_fill_(0, tokens.flatten(), 0)
-        used = tokens.unique().numel() / self.spec.codebook_size
-        return recon + codebook_loss + self.beta * commitment, {"recon": recon.item(), "codebook_used": used}
+        return recon + codebook_loss + self.beta * commitment, {"recon": recon.detach()}
 
     @torch.no_grad()
     def _restart_idle_codes(self, z: torch.Tensor) -> None:
-        """Codes unused for `restart_after` batches move onto random encoder outputs z (B, h, w, D)."""
-        idle = (self.idle_steps >= self.restart_after).nonzero()[:, 0]
-        if len(idle):
-            flat = z.reshape(-1, z.shape[-1])
-            self.codebook[idle] = flat[torch.randint(len(flat), (len(idle),), device=flat.device)].to(self.codebook.dtype)
-            self.idle_steps[idle] = 0
+        """Codes unused for `restart_after` batches move onto random encoder outputs z (B, h, w, D).
+        Masked, not indexed by the idle codes' positions: finding them would wait for the device."""
+        idle = (self.idle_steps >= self.restart_after)[:, None]
+        flat = z.reshape(-1, z.shape[-1])
+        candidates = flat[torch.randint(len(flat), (len(self.codebook),), device=flat.device)]
+        self.codebook.copy_(torch.where(idle, candidates.to(self.codebook.dtype), self.codebook))
+        self.idle_steps.masked_fill_(idle[:, 0], 0)
         if dist.is_initialized():  # DDP ranks restart on different batches: keep rank 0's codebook
             dist.broadcast(self.codebook.data, 0)

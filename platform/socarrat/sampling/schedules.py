@@ -18,8 +18,8 @@ from socarrat.errors import UserError
 def alphas_cumprod(kind: Literal["linear", "cosine", "scaled_linear"], train_timesteps: int) -> torch.Tensor:
     """alpha_bar[t] for t in [0, T): (T,) float64, decreasing from ~1."""
     if kind == "linear":  # DDPM (Ho et al. 2020), rescaled to T as in improved DDPM
-        scale = 1000 / train_timesteps
-        betas = torch.linspace(scale * 1e-4, scale * 0.02, train_timesteps, dtype=torch.float64)
+        scale = 1000 / train_timesteps  # below T = 21 the last betas would reach 1 (alpha_bar 0): clipped at 0.999
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, train_timesteps, dtype=torch.float64).clamp(max=0.999)
         return torch.cumprod(1 - betas, dim=0)
     if kind == "scaled_linear":  # Stable Diffusion's (latent diffusion's): sqrt(beta) linear, not rescaled
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, train_timesteps, dtype=torch.float64) ** 2
