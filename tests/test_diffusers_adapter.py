@@ -4,6 +4,7 @@ diffusers' own StableDiffusionPipeline does, sequentially and with Picard."""
 
 import io
 import json
+import re
 import shutil
 import string
 import subprocess
@@ -23,7 +24,7 @@ from socarrat.cli import main
 from socarrat.config import SamplerSpec
 from socarrat.errors import UserError
 from socarrat.generator import Generator
-from socarrat.models.diffusers_adapter import import_diffusers, spec_fields
+from socarrat.models.diffusers_adapter import import_diffusers, pipeline_spec, reads, spec_fields
 from socarrat.sampling import cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
 from socarrat.sampling.schedules import Schedule, alphas_cumprod
@@ -223,11 +224,36 @@ def test_unsupported_scheduler_configs_are_named():
     with pytest.raises(UserError, match="thresholding"):
         spec_fields({"thresholding": True})
     assert spec_fields({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500})["schedule"] == "cosine"
+    # Latents are not bounded: clip_sample, on in configs saved from a default DDIM or DDPM scheduler, is
+    # not applied, as diffusers' StableDiffusionPipeline switches it off.
+    assert spec_fields({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                        "clip_sample": True, "clip_sample_range": 2.0})["clip_sample"] is False
+
+
+def test_unets_that_need_more_inputs_than_text_are_refused_by_their_config():
+    vae = {"block_out_channels": [8, 8, 8, 8]}
+    for extra, message in (({"num_class_embeds": 10}, "num_class_embeds"),
+                           ({"encoder_hid_dim_type": "image_proj"}, "encoder_hid_dim_type='image_proj'"),
+                           ({"out_channels": 8}, "a learned variance"), ({"in_channels": 9}, "inpainting"),
+                           ({"sample_size": [64, 96]}, "only square defaults")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            pipeline_spec({"in_channels": 4, "out_channels": 4, **extra}, vae, {})
+    # SD-1 UNets converted before diffusers 0.9 say sample_size 32; its pipeline, and Socarrat, read 64.
+    assert pipeline_spec({"sample_size": 32, "_diffusers_version": "0.8.0"}, vae, {}).size_px == 512
+    assert pipeline_spec({"sample_size": 32, "_diffusers_version": "0.30.0"}, vae, {}).size_px == 256
+
+
+def test_variant_weight_files_are_not_read():
+    assert reads("unet/diffusion_pytorch_model.safetensors") and reads("text_encoder/model.safetensors")
+    assert reads("unet/diffusion_pytorch_model-00001-of-00002.safetensors") and reads("model_index.json")
+    assert reads("unet/diffusion_pytorch_model.safetensors.index.json")
+    assert not reads("unet/diffusion_pytorch_model.fp16.safetensors") and not reads("vae/diffusion_pytorch_model.non_ema.safetensors")
+    assert not reads("unet/diffusion_pytorch_model.bin") and not reads("safety_checker/model.safetensors")
 
 
 def test_a_damaged_or_unsupported_pipeline_is_one_line_before_any_weights_are_read(sd_dir, tmp_path):
     def damaged(file: str, text: str | None = None) -> str:
-        copy = tmp_path / file.replace("/", "-")
+        copy = tmp_path / f"{len(list(tmp_path.iterdir()))}-{file.replace('/', '-')}"
         shutil.copytree(sd_dir / "eps", copy)
         if text is None:
             (copy / file).unlink()
@@ -243,6 +269,9 @@ def test_a_damaged_or_unsupported_pipeline_is_one_line_before_any_weights_are_re
         Generator.load(damaged("vae/config.json", "[]"), device="cpu")
     with pytest.raises(UserError, match="cannot load the 'text_encoder'"):
         Generator.load(damaged("text_encoder/model.safetensors", "not weights"), device="cpu")
+    index = json.loads((sd_dir / "eps" / "model_index.json").read_text())
+    with pytest.raises(UserError, match=r"'unet' names \['diffusers', 'NoSuchModel'\], not a \[library, class\]"):
+        Generator.load(damaged("model_index.json", json.dumps({**index, "unet": ["diffusers", "NoSuchModel"]})), device="cpu")
     inpainting = damaged("unet/diffusion_pytorch_model.safetensors", "not weights")  # never read: the config refuses
     config = json.loads((Path(inpainting) / "unet/config.json").read_text())
     (Path(inpainting) / "unet/config.json").write_text(json.dumps({**config, "in_channels": 9}))

@@ -32,7 +32,8 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
                         "ddim for Gaussian models, paella for token models)")
     parser.add_argument("--steps", type=int, help="default: 50 for ddim and ddpm, 12 for paella")
     parser.add_argument("--spacing", help=f"leading | trailing | linspace (default: {default['spacing']})")
-    parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: {default['guidance']})")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale: 1 = off (the prompt alone), "
+                        f"0 = unconditional (default: {default['guidance']})")
     parser.add_argument("--height-px", type=int, help="image height (default: the model's size)")
     parser.add_argument("--width-px", type=int, help="image width (default: the model's size)")
     parser.add_argument("--picard", action="store_true", help="Picard (ParaDiGMS) parallel sampling")

@@ -186,7 +186,8 @@ class SamplerSpec(_Spec):
         None, description="None: the model's own (ddim for Gaussian models, paella for token models)")
     steps: int | None = Field(None, ge=1, description="None: 50 for ddim and ddpm, 12 for paella")
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
-    guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale; 1 = off")
+    guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale g: uncond + g (cond - uncond); "
+                            "1 = off, the prompt alone (diffusers reads any value <= 1 so); 0 = unconditional")
     height_px: int | None = Field(None, ge=8, description="None: the model's size_px")
     width_px: int | None = Field(None, ge=8, description="None: the model's size_px")
     picard: bool = Field(False, description="Picard (ParaDiGMS) parallel sampling: many steps per model call")

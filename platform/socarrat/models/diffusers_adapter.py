@@ -6,8 +6,10 @@ Gaussian-family model whose `encode` is the CLIP text encoder's hidden states, w
 the UNet's eps or v prediction and whose `decode` is the VAE decoder. Socarrat's own samplers run it.
 
 The scheduler config is read for what the model was trained with (prediction type, betas, train
-timesteps, clipping); how to sample (solver, steps, spacing) is the `SamplerSpec`'s, so the config's
-scheduler class, `timestep_spacing`, `steps_offset` and `set_alpha_to_one` are not used.
+timesteps); how to sample (solver, steps, spacing) is the `SamplerSpec`'s, so the config's
+scheduler class, `timestep_spacing`, `steps_offset`, `set_alpha_to_one` and `variance_type` are not
+used. Nor is `clip_sample`: latents are not bounded to [-1, 1], and diffusers' StableDiffusionPipeline
+turns it off too (configs saved from a default DDIM or DDPM scheduler carry it on).
 What the samplers cannot reproduce (trained betas, thresholding, zero-terminal-SNR rescaling,
 SDXL's second text encoder, UNets that need added conditioning) is refused with a UserError.
 
@@ -42,8 +44,12 @@ _BETAS = {"scaled_linear": lambda T: (0.00085, 0.012), "linear": lambda T: (0.1 
 
 
 def reads(key: str) -> bool:
-    """Whether loading reads the file at `key` (relative, '/'-separated) of a pipeline directory."""
-    return key == INDEX or (key.split("/")[0] in COMPONENTS and not key.endswith(_OTHER_WEIGHTS))
+    """Whether loading reads the file at `key` (relative, '/'-separated) of a pipeline directory: not
+    weights in other formats, nor variants (`diffusion_pytorch_model.fp16.safetensors`, `.non_ema.`),
+    which would be downloaded and hashed into the digest for nothing."""
+    name = key.rsplit("/", 1)[-1]
+    variant = name.endswith(".safetensors") and "." in name.removesuffix(".safetensors")
+    return key == INDEX or (key.split("/")[0] in COMPONENTS and not key.endswith(_OTHER_WEIGHTS) and not variant)
 
 
 def import_diffusers():
@@ -72,12 +78,20 @@ def spec_fields(config: dict) -> dict:
         if not all(math.isclose(b, e, rel_tol=1e-6) for b, e in zip(betas, expected)):
             problems.append(f"beta_start, beta_end = {betas} (supported with {beta_schedule} at {T} steps: {expected})")
     problems += [f"{flag}={config[flag]!r}" for flag in ("trained_betas", "thresholding", "rescale_betas_zero_snr") if config.get(flag)]
-    if config.get("clip_sample") and config.get("clip_sample_range", 1.0) != 1:
-        problems.append(f"clip_sample_range={config['clip_sample_range']} (supported: 1)")
     if problems:
         raise UserError(f"scheduler config not supported: {'; '.join(problems)}")
     return {"prediction": _PREDICTIONS[prediction], "schedule": _SCHEDULES[beta_schedule],
-            "train_timesteps": T, "clip_sample": bool(config.get("clip_sample", False))}
+            "train_timesteps": T, "clip_sample": False}
+
+
+def _older_than(version: str | None, than: str) -> bool:
+    """Whether a config's `_diffusers_version` is before `than` (no version: not older)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return version is not None and Version(version) < Version(than)
+    except InvalidVersion:
+        return False
 
 
 def vae_factor(vae_config) -> int:
@@ -90,7 +104,12 @@ def pipeline_spec(unet_config, vae_config, scheduler_config: dict) -> ModelSpec:
     UserError for a UNet or scheduler the samplers cannot run."""
     _check_unet(unet_config)
     # A config.json lists every field when diffusers writes it; a missing one has diffusers' default.
-    size_px = (unet_config.get("sample_size") or 64) * vae_factor(vae_config)
+    sample_size = unet_config.get("sample_size") or 64
+    if not isinstance(sample_size, int):
+        raise UserError(f"UNet sample_size {sample_size!r}: only square defaults (one int) are supported")
+    if sample_size < 64 and _older_than(unet_config.get("_diffusers_version"), "0.9.0"):
+        sample_size = 64  # SD-1 configs converted before diffusers 0.9 say 32; its pipeline reads 64 too
+    size_px = sample_size * vae_factor(vae_config)
     return ModelSpec(in_channels=unet_config.get("in_channels", 4), size_px=size_px, **spec_fields(scheduler_config))
 
 
@@ -196,10 +215,14 @@ def _read_json(file: Path) -> dict:
 
 def _component(path: Path, index: dict, name: str):
     """Component `name`, loaded by the class model_index.json names for it (as diffusers does)."""
-    library, class_name = index.get(name) or (None, None)
-    if class_name is None or not (path / name).is_dir():
+    entry = index.get(name)
+    if not entry or not (path / name).is_dir():
         raise NotFoundError(f"diffusers pipeline at {path} has no {name!r} component (model_index.json and {path / name})")
-    cls = getattr(importlib.import_module(library), class_name)
+    try:
+        library, class_name = entry
+        cls = getattr(importlib.import_module(library), class_name)
+    except (ValueError, TypeError, ImportError, AttributeError):
+        raise UserError(f"{path / INDEX}: {name!r} names {entry!r}, not a [library, class] that can be imported") from None
     kwargs = {} if name == "tokenizer" else {"use_safetensors": True}
     try:
         return cls.from_pretrained(path / name, local_files_only=True, **kwargs)
@@ -210,8 +233,14 @@ def _component(path: Path, index: dict, name: str):
 
 def _check_unet(config) -> None:
     """UserError for a UNet that needs inputs beyond (latents, timestep, text hidden states)."""
-    extra = [k for k in ("addition_embed_type", "class_embed_type", "time_cond_proj_dim") if config.get(k) is not None]
-    if (channels := (config.get("in_channels", 4), config.get("out_channels", 4)))[0] != channels[1]:
-        extra.append(f"in_channels={channels[0]} != out_channels={channels[1]} (inpainting)")
+    extra = [k for k in ("addition_embed_type", "class_embed_type", "num_class_embeds", "time_cond_proj_dim")
+             if config.get(k) is not None]
+    if config.get("encoder_hid_dim_type") not in (None, "text_proj"):  # image projections need added inputs
+        extra.append(f"encoder_hid_dim_type={config['encoder_hid_dim_type']!r}")
+    channels_in, channels_out = config.get("in_channels", 4), config.get("out_channels", 4)
+    if channels_out == 2 * channels_in:
+        extra.append(f"out_channels={channels_out} = 2 x in_channels (a learned variance)")
+    elif channels_in != channels_out:
+        extra.append(f"in_channels={channels_in} != out_channels={channels_out} (inpainting)")
     if extra:
         raise UserError(f"UNets with {', '.join(extra)} are not supported (text-to-image UNets only)")
