@@ -140,6 +140,41 @@ def test_generator_edits_inpaint_outpaint_and_restyle(token_generator, tiny_gene
         tiny_generator.generate(["a"], [1], edit=Edit([canvas]))
 
 
+def recorded_calls(generator, monkeypatch) -> list[torch.Tensor]:
+    """The token states (rows, h, w) of every model call `generator` makes from now on."""
+    seen, model = [], generator.calls
+    monkeypatch.setattr(generator, "calls", lambda x, t, text: seen.append(x.clone()) or model(x, t, text))
+    return seen
+
+
+def test_an_edit_shows_the_model_its_kept_tokens_at_every_step(token_generator, monkeypatch):
+    [source] = token_generator.generate(["a red circle"], [1])
+    edit = Edit(*map(lambda item: [item], Edit.outpaint(source.image.crop((0, 0, 16, 32)), right=16)))
+    f = token_generator.spec.token.downsampling
+    known, keep = token_generator.model.tokenize(edit.pixels((32 // f, 32 // f), f)), edit.keep((32 // f, 32 // f), f)[0]
+    seen = recorded_calls(token_generator, monkeypatch)
+    token_generator.generate(["a blue square"], [4], edit=edit)
+    assert len(seen) == 12 and keep.any() and not keep.all()
+    for x in seen:  # both halves of each classifier-free-guidance call; re-noised to random tokens, most
+        assert torch.equal(x[:, keep], known[:, keep].expand(len(x), -1))  # kept ones were hidden until the end
+
+
+def test_structural_editing_starts_at_its_start_steps_noise_level(token_generator, monkeypatch):
+    [source] = token_generator.generate(["a red circle"], [1])
+    f = token_generator.spec.token.downsampling
+    known = token_generator.model.tokenize(Edit([source.image]).pixels((32 // f, 32 // f), f))
+    seen = recorded_calls(token_generator, monkeypatch)
+    # Re-noising cut short after step 2 must not start step 6 from the clean image: it is at level
+    # noise_fraction(500) = 0.71, about 0.66 of the tokens changed among 16 codes.
+    token_generator.generate(["a blue square"], [4], SamplerSpec(renoise_steps=2), edit=Edit([source.image], None, 6))
+    assert 0.5 < (seen[0][0] != known[0]).float().mean() < 0.8
+
+
+def test_temperatures_too_low_for_finite_draws_are_refused():
+    with pytest.raises(ValueError, match=r"temperature must be at least 0.001"):
+        SamplerSpec(temperature=(1.0, 1e-50))
+
+
 def test_blend_interpolates_between_prompts(token_generator):
     ends = token_generator.generate(["a red circle", "two blue squares"], [4, 4])
     blended = token_generator.generate(["a red circle"] * 2, [4, 4], blend=Blend(["two blue squares"] * 2, [0.0, 1.0]))

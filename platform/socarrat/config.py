@@ -179,6 +179,9 @@ def check_size(height_px: int, width_px: int, multiple: int) -> None:
         raise UserError(f"size {width_px}x{height_px}: height and width must be multiples of {multiple} for this model")
 
 
+MIN_TEMPERATURE = 1e-3
+
+
 class SamplerSpec(_Spec):
     """How to sample: solver, steps, spacing, guidance and image size."""
 
@@ -202,8 +205,9 @@ class SamplerSpec(_Spec):
 
     @model_validator(mode="after")
     def _check(self) -> SamplerSpec:
-        if min(self.temperature) <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if min(self.temperature) < MIN_TEMPERATURE:  # 1 / t must stay finite in the draws
+            raise ValueError(f"temperature must be at least {MIN_TEMPERATURE} (lower draws the likeliest token all "
+                             f"the same), got {self.temperature}")
         return self
 
 

@@ -24,7 +24,8 @@ from socarrat.models.text import TextEncoding
 from socarrat.errors import UserError
 from socarrat.sampling import Denoise, Schedule, StepFn, cfg_denoiser, draw_noise, make_step, sample
 from socarrat.sampling.picard import sample_picard
-from socarrat.sampling.tokens import TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step, renoise
+from socarrat.sampling.tokens import (TokenSchedule, constrain, draw_token_noise, lerp_text, make_token_step, noise_fraction,
+                                     renoise, restart_with)
 
 DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "paella": 12}
 OWN_SAMPLER = {"gaussian": "ddim", "token": "paella"}  # a family's sampler when a spec names none
@@ -272,7 +273,7 @@ class Generator:
             extra = [{} for _ in range(len(x))]  # per image
             with (denoiser or self._local_denoiser)(cond, spec.guidance) as (denoise, cond):
                 if edit is not None:
-                    x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, schedule, noises, denoise, cond)
+                    x, schedule, step, noises, denoise, cond = self._edit_plan(edit, spec, x, noises, denoise, cond)
                 if spec.picard:
                     x, stats = sample_picard(denoise, x, schedule, step, noises, cond, spec.window, spec.tolerance, progress)
                     for own, r, e in zip(extra, stats.sample_rounds, stats.sample_evaluations):
@@ -308,10 +309,11 @@ class Generator:
     def _local_denoiser(self, cond: Any, guidance: float) -> AbstractContextManager[tuple[Denoise, Any]]:
         return nullcontext((cfg_denoiser(self.calls, guidance), cond))
 
-    def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, schedule: TokenSchedule, noises: torch.Tensor,
-                   denoise: Denoise, cond: Any):
+    def _edit_plan(self, edit: Edit, spec: SamplerSpec, x: torch.Tensor, noises: torch.Tensor, denoise: Denoise, cond: Any):
         """Inpainting pins the kept tokens; a start step > 0 begins from the images' tokens, noised
-        with the pre-drawn draws of the step before (where the sequential chain would re-noise)."""
+        with the pre-drawn draws of the step before (where the sequential chain would re-noise).
+        Either way, re-noising puts back this first state, so the model sees the kept tokens at
+        every step."""
         if spec.sampler != "paella":
             raise UserError("image editing needs a token-family model and the paella sampler")
         if len(edit.images) != len(x):
@@ -325,9 +327,10 @@ class Generator:
         if unmarked := keep.flatten(1).all(1).nonzero()[:, 0].tolist():
             raise UserError(f"the masks of edits {unmarked} mark no pixel, so they would change nothing")
         remaining = TokenSchedule.create(self.spec.train_timesteps, spec.steps, spec.renoise_steps, edit.start_step)
-        if edit.start_step:  # re-noised as the step before the start re-noises, on the full schedule
-            k = edit.start_step - 1
-            x = renoise(known, float(schedule.renoise[k]), noises[k], self.model.codebook_size)
+        if edit.start_step:  # noised to the level of the step it starts at, with the draws of the step before
+            level = float(noise_fraction(remaining.timesteps[0], self.spec.train_timesteps))
+            x = renoise(known, level, noises[edit.start_step - 1], self.model.codebook_size)
         x = torch.where(keep, known, x)
-        return (x, remaining, make_token_step(remaining, spec.temperature, edit.start_step), noises[edit.start_step:],
+        noises = restart_with(noises[edit.start_step:], x, self.model.codebook_size)
+        return (x, remaining, make_token_step(remaining, spec.temperature, edit.start_step), noises,
                 constrain(denoise), (known, keep, cond))

@@ -16,7 +16,9 @@ lies that close to a CDF boundary then flips (4 of 1,024 tokens in one measured 
 
 Editing: `constrain` pins known tokens (inpainting, and outpainting: inpainting of a larger
 canvas), `TokenSchedule.create(..., start=k)` begins at step k, from an image's noised tokens
-(structural editing), `lerp_text` interpolates between two prompts. Pure torch; no models, no I/O.
+(structural editing), `restart_with` makes an edit re-noise back to its own first state, and
+`lerp_text` interpolates between two prompts. Unlike the reference, no typical filtering of the
+logits (its mass 0.2): temperature and guidance alone shape the draws. Pure torch; no models, no I/O.
 Shapes: tokens (B, h, w) long; logits (B, K, h, w); noise_i (B, 3, h, w) float in [0, 1).
 """
 
@@ -108,6 +110,16 @@ def make_token_step(schedule: TokenSchedule, temperature: tuple[float, float], s
         return renoise(picked, fractions(i, noise_i[:, 1]), noise_i, k)
 
     return step
+
+
+def restart_with(noises: torch.Tensor, start: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Pre-drawn noises (N, B, 3, h, w) whose re-noising puts back `start` (B, h, w) long instead of the
+    seed's random tokens: an edit's first state (kept tokens where pinned, an image's noised tokens
+    for structural editing), Paella's renoise mode 'start' with the edit's init_x. Re-noised to random
+    tokens, the kept context would be hidden from the model until the last steps."""
+    noises = noises.clone()
+    noises[:, :, 2] = (start.to(noises.dtype) + 0.5) / codebook_size  # uniform_to_token gives back start
+    return noises
 
 
 def constrain(denoise: Denoise) -> Denoise:
