@@ -85,9 +85,6 @@ class TrainConfig(BaseModel):
             raise ValueError(f"the token family trains its VQ for the first vq_steps ({self.vq_steps}) of the "
                              f"{self.steps} steps, so its denoiser would never train: give more steps than "
                              "vq_steps (or vq_steps 0 with init of a trained token model)")
-        if self.model.family == "token" and self.vq_steps == 0 and not self.init:
-            raise ValueError("vq_steps 0 trains the denoiser on the tokens of an untrained VQ: give init, a trained "
-                             "token model whose VQ it keeps, or vq_steps > 0")
         return self
 
 
@@ -249,7 +246,12 @@ def preflight(cfg: TrainConfig) -> None:
     (read from the start checkpoint's config alone: the driver never holds the model)."""
     list_shards(cfg.shards)
     storage.check_writable(cfg.out)  # not at the first checkpoint, an hour in
-    if not resume_point(cfg) and (cfg.init or cfg.init_text):
+    if resume_point(cfg):  # a resumed run's start (its VQ included) was checked when it began
+        return
+    if cfg.model.family == "token" and cfg.vq_steps == 0 and not cfg.init:
+        raise UserError("vq_steps 0 trains the denoiser on the tokens of an untrained VQ: give --init, a trained "
+                        "token model whose VQ it keeps, or --vq-steps > 0")
+    if cfg.init or cfg.init_text:
         info = describe_checkpoint(cfg.init or cfg.init_text)
         _check_start(cfg, info.spec if info.format == "socarrat" else None)
 
