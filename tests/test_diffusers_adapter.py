@@ -223,6 +223,8 @@ def test_unsupported_scheduler_configs_are_named():
         spec_fields({"prediction_type": "sample", "beta_schedule": "scaled_linear", "beta_start": 0.001, "beta_end": 0.012})
     with pytest.raises(UserError, match="thresholding"):
         spec_fields({"thresholding": True})
+    with pytest.raises(UserError, match="LCMScheduler .a consistency-distilled model"):
+        spec_fields({"_class_name": "LCMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
     assert spec_fields({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500})["schedule"] == "cosine"
     # Latents are not bounded: clip_sample, on in configs saved from a default DDIM or DDPM scheduler, is
     # not applied, as diffusers' StableDiffusionPipeline switches it off.

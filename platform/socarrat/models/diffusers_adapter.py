@@ -7,11 +7,12 @@ the UNet's eps or v prediction and whose `decode` is the VAE decoder. Socarrat's
 
 The scheduler config is read for what the model was trained with (prediction type, betas, train
 timesteps); how to sample (solver, steps, spacing) is the `SamplerSpec`'s, so the config's
-scheduler class, `timestep_spacing`, `steps_offset`, `set_alpha_to_one` and `variance_type` are not
+scheduler class (but for the few-step ones below), `timestep_spacing`, `steps_offset`, `set_alpha_to_one` and `variance_type` are not
 used. Nor is `clip_sample`: latents are not bounded to [-1, 1], and diffusers' StableDiffusionPipeline
 turns it off too (configs saved from a default DDIM or DDPM scheduler carry it on).
-What the samplers cannot reproduce (trained betas, thresholding, zero-terminal-SNR rescaling,
-SDXL's second text encoder, UNets that need added conditioning) is refused with a UserError.
+What the samplers cannot reproduce (trained betas, thresholding, zero-terminal-SNR rescaling, the
+LCM and TCD schedulers of consistency-distilled models, SDXL's second text encoder, UNets that need
+added conditioning) is refused with a UserError.
 
 Imports diffusers only when a checkpoint is loaded (the `diffusers` extra); no storage, no Ray.
 `socarrat.checkpoint` finds the directory (downloading an s3:// prefix) and computes the digest.
@@ -39,6 +40,8 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _OTHER_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 _SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+# Schedulers of distilled few-step models (LCM, LCM-LoRA merged, TCD), whose UNets DDIM/DDPM sample badly.
+_FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
 # (beta_start, beta_end) of Socarrat's schedule at T train timesteps (its linear one is rescaled to T).
 _BETAS = {"scaled_linear": lambda T: (0.00085, 0.012), "linear": lambda T: (0.1 / T, 20 / T)}
 
@@ -78,6 +81,8 @@ def spec_fields(config: dict) -> dict:
         if not all(math.isclose(b, e, rel_tol=1e-6) for b, e in zip(betas, expected)):
             problems.append(f"beta_start, beta_end = {betas} (supported with {beta_schedule} at {T} steps: {expected})")
     problems += [f"{flag}={config[flag]!r}" for flag in ("trained_betas", "thresholding", "rescale_betas_zero_snr") if config.get(flag)]
+    if config.get("_class_name") in _FEW_STEP_SCHEDULERS:
+        problems.append(f"{config['_class_name']} (a consistency-distilled model: its few steps are not DDIM or DDPM steps)")
     if problems:
         raise UserError(f"scheduler config not supported: {'; '.join(problems)}")
     return {"prediction": _PREDICTIONS[prediction], "schedule": _SCHEDULES[beta_schedule],
