@@ -40,22 +40,31 @@ def _ray_worker(config: dict) -> None:
     )
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its relative local paths made absolute: Ray Train starts each worker in a folder of
+    its own, where they would name other folders (the shards or a local text encoder not found,
+    checkpoints written into the Ray session and lost). A bundled model's name stays a name."""
+    paths = {"shards": cfg.shards, "out": cfg.out}
+    paths |= {name: uri for name in ("init", "init_text") if (uri := getattr(cfg, name)) and Path(uri).exists()}
+    update: dict[str, object] = {name: storage.absolute(uri) for name, uri in paths.items()}
+    text = cfg.model.text
+    if text.kind == "hf" and text.path and "://" not in text.path:
+        update["model"] = cfg.model.model_copy(update={"text": text.model_copy(update={"path": storage.absolute(text.path)})})
+    return cfg.model_copy(update=update)
+
+
 def run(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False) -> TrainResult | None:
     """Train in this process (num_workers=0) or on `num_workers` Ray Train workers."""
+    cfg = absolute_paths(cfg)  # in both modes, so that a run resumes whichever started it (the spec is compared)
     preflight(cfg)  # a user mistake fails here in one line, not as a worker's traceback, an hour in
     if num_workers == 0:
         return train(cfg)
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # Ray Train starts each worker in a folder of its own: relative paths would name other folders
-    # (the shards not found, checkpoints written into the Ray session and lost).
-    paths = {"shards": cfg.shards, "out": cfg.out}
-    paths |= {name: uri for name in ("init", "init_text") if (uri := getattr(cfg, name)) and Path(uri).exists()}
-    local = {name: storage.absolute(uri) for name, uri in paths.items()}
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config=cfg.model_copy(update=local).model_dump(mode="json"),
+        train_loop_config=cfg.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(name="socarrat-train", storage_path=str(Path.home() / "ray_results")),
     )

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_SPEC
 from jobs.evaluate import evaluate, paired_difference, read_rows, write_report
-from jobs.train import run
+from jobs.train import absolute_paths, run
 from socarrat import storage
 from socarrat.checkpoint import latest_checkpoint, save_checkpoint
 from socarrat.cli import main as cli
@@ -271,6 +271,16 @@ def test_ray_train_job_with_two_ddp_workers(shards, tmp_path, monkeypatch):
     gen = Generator.load(str(tmp_path / "timed" / "step-00000003"), device="cpu")
     [image] = gen.generate(["a red circle"], [1], SamplerSpec(steps=2))
     assert image.image.size == (32, 32)
+
+
+def test_ray_train_workers_get_absolute_local_paths_and_names_stay_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "start").mkdir()
+    spec = TINY_SPEC.model_copy(update={"text": TINY_SPEC.text.model_copy(update={"kind": "hf", "path": "clip"})})
+    cfg = absolute_paths(config("shards", "s3://b/run", model=spec, init="start"))
+    assert (cfg.shards, cfg.out, cfg.init) == (str(tmp_path / "shards"), "s3://b/run", str(tmp_path / "start"))
+    assert cfg.model.text.path == str(tmp_path / "clip")  # a local text encoder, as --model-spec named it
+    assert absolute_paths(config("shards", "out", init_text="shapes-gaussian")).init_text == "shapes-gaussian"
 
 
 def test_evaluate_end_to_end(tiny_generator, store_uri):
