@@ -114,6 +114,22 @@ def test_cosine_similarity_attention_does_not_grow_with_the_query_and_key_weight
     assert torch.allclose(after, before, atol=1e-4) == qk_norm
 
 
+@pytest.mark.parametrize("absolute_pos", [False, True])
+def test_only_place_features_tell_a_token_where_in_the_image_it_is(absolute_pos):
+    """From a uniform image every token holds the same content and RoPE sees only offsets, so
+    without place features a one-level (global attention) HDiT answers the same everywhere and
+    cannot put a shape 'on the left'; with them (randomised from their zero start) places differ.
+    (Deeper HDiTs learn a little of their place from where shifted windows are cut at the edges.)"""
+    torch.manual_seed(0)
+    hdit = {**HDIT, "widths": (16,), "depths": (2,), "cross_attention_levels": (0,), "absolute_pos": absolute_pos}
+    model = randomised(build_model(SPEC.model_copy(update={"hdit": HDiTSpec(**hdit)}))).eval()
+    with torch.no_grad():
+        out = model(torch.full((1, 3, 16, 16), 0.3), torch.tensor([500]), model.encode(["a red circle on the left"]))
+    same_pixel_of_each_patch = out[:, :, ::2, ::2]  # (a patch's 2x2 pixels differ from each other anyway)
+    spread = (same_pixel_of_each_patch - same_pixel_of_each_patch.mean((2, 3), keepdim=True)).abs().max().item()
+    assert (spread > 1e-2) == absolute_pos, spread
+
+
 def test_spec_sizes_and_bad_sizes():
     three_levels = {"patch_size": 4, "widths": (32, 32, 64), "depths": (1, 1, 1)}
     assert SPEC.downsampling == 4 and ModelSpec(backbone="hdit", hdit=three_levels).downsampling == 16

@@ -4,9 +4,10 @@ A pixel-space transformer whose cost grows about linearly with the pixel count: 
 into `patch_size` x `patch_size` patches, each level after the first halves the token map (token
 merge) and the way up doubles it again (token split, merged with the skip by a learned lerp).
 Self-attention is local (shifted windows) at every level but the lowest, which attends globally.
-Positions enter through axial RoPE; the timestep and the pooled prompt drive every AdaRMSNorm
-through a mapping network; the prompt's tokens are read by cross-attention at
-`HDiTSpec.cross_attention_levels`. Same call as the UNet: `forward(x (B, C, H, W), t (B,), text)`
+Positions enter through axial RoPE (and, with `HDiTSpec.absolute_pos`, as features of each
+token's place in the image at the ingress: RoPE alone gives offsets only); the timestep and the
+pooled prompt drive every AdaRMSNorm through a mapping network; the prompt's tokens are read by
+cross-attention at `HDiTSpec.cross_attention_levels`. Same call as the UNet: `forward(x (B, C, H, W), t (B,), text)`
 -> (B, C, H, W), eps or v per `ModelSpec.prediction`, for any H, W that are multiples of
 `HDiTSpec.downsampling`.
 
@@ -25,6 +26,7 @@ from socarrat.models.text import TextEncoding
 from socarrat.models.unet import timestep_embedding
 
 ROPE_BASE = 100.0  # slowest axial frequency turns once per ~350 tokens: longer than any map we make
+ABS_FREQS = 4  # HDiTSpec.absolute_pos: octaves of the place features, periods from the side to 1/8 of it
 
 
 def zero_init(layer: nn.Linear) -> nn.Linear:
@@ -53,6 +55,16 @@ def rope_angles(h: int, w: int, stride: int, head_dim: int, device: torch.device
     rows = (torch.arange(h, device=device) + 0.5) * stride
     cols = (torch.arange(w, device=device) + 0.5) * stride
     return torch.cat([(rows[:, None, None] * freqs).expand(h, w, -1), (cols[None, :, None] * freqs).expand(h, w, -1)], -1)
+
+
+def place_features(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(h, w, 4 * ABS_FREQS) sines and cosines of each token centre's place in the image, scaled to
+    [-1, 1] along each side, so "left" or "top" reads the same at any size."""
+    freqs = torch.pi * 2.0 ** torch.arange(ABS_FREQS, device=device)
+    rows = ((torch.arange(h, device=device) + 0.5) / h * 2 - 1)[:, None, None] * freqs
+    cols = ((torch.arange(w, device=device) + 0.5) / w * 2 - 1)[None, :, None] * freqs
+    angles = torch.cat([rows.expand(h, w, -1), cols.expand(h, w, -1)], -1)
+    return torch.cat([angles.sin(), angles.cos()], -1)
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -226,6 +238,8 @@ class HDiT(nn.Module):
         widths, top, pixels = hs.widths, len(hs.widths) - 1, hs.patch_size**2 * spec.in_channels
         self.mapping = MappingNetwork(hs.mapping_width, hs.mapping_depth, text_width)
         self.patch_in = nn.Linear(pixels, widths[0], bias=False)
+        # Absolute place (HDiTSpec.absolute_pos) enters once, at the ingress, from zero.
+        self.place_in = zero_init(nn.Linear(4 * ABS_FREQS, widths[0], bias=False)) if hs.absolute_pos else None
 
         def level(lv: int) -> nn.ModuleList:  # one pass through level lv; odd layers shift their windows
             window, cross = None if lv == top else hs.window, lv in hs.cross_attention_levels
@@ -255,6 +269,8 @@ class HDiT(nn.Module):
         p = self.spec.hdit.patch_size
         cond = self.mapping(t, text.pooled)
         h = self.patch_in(merge_patches(x.permute(0, 2, 3, 1), p))
+        if self.place_in is not None:
+            h = h + self.place_in(place_features(h.shape[1], h.shape[2], h.device)).to(h.dtype)
         skips = []
         for lv, layers in enumerate(self.down):
             h = self._run(layers, h, cond, lv, text)
