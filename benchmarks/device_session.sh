@@ -67,6 +67,11 @@ train_family() {  # train_family FAMILY: the bundled model's architecture from s
   local family=$1 run=$RUNS-$1 shards=data/shapes32 extra=()
   [ "$family" = token ] && shards=data/shapes64 && extra=(--vq-steps "$(small 5 800)")
   local spec=platform/socarrat/assets/shapes-$family/config.json  # the architecture only: no --init
+  if [ "$family" = hdit ]; then  # with the place features the bundled shapes-hdit predates
+    spec=$run-spec.json && mkdir -p "$(dirname "$spec")"
+    "$PY" -c "import json, sys; m = json.load(open(sys.argv[1]))['model']; m['hdit']['absolute_pos'] = True
+json.dump(m, open(sys.argv[2], 'w'))" "platform/socarrat/assets/shapes-hdit/config.json" "$spec"
+  fi
   local common=(--shards "$shards" --out "$run" --model-spec "$spec" --batch-size "$(small 8 256)" --lr 1e-3
                 --checkpoint-every 2000 --log-every 100 --num-workers 0 "${extra[@]}")
   stage "train-$family" "$(limit_s "$TRAIN_MIN")" "$PY" -m jobs.train "${common[@]}" \

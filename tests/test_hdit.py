@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import _randomise as randomised  # re-draws zero-initialised weights: every path is live
 from test_training import fixed_loss  # the objective on one fixed 32 px batch
 
-from socarrat.checkpoint import load_checkpoint, save_checkpoint
+from socarrat.checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from socarrat.cli import main as cli
 from socarrat.config import HDiTSpec, ModelSpec, SamplerSpec
 from socarrat.errors import UserError
@@ -166,6 +166,17 @@ def test_checkpoint_round_trip_and_the_bundled_unet_still_loads(model, tmp_path)
         torch.testing.assert_close(loaded(x, t, text), rounded(x, t, text), atol=1e-5, rtol=0)
     unet, _ = load_checkpoint("shapes-gaussian")
     assert unet.spec.backbone == "unet" and any(k.startswith("unet.") for k in unet.state_dict())
+
+
+def test_checkpoints_made_before_place_features_load_without_them(tmp_path):
+    old = SPEC.model_copy(update={"hdit": SPEC.hdit.model_copy(update={"absolute_pos": False})})
+    save_checkpoint(build_model(old), str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["hdit"]["absolute_pos"]  # as config.json was written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert HDiTSpec().absolute_pos  # new models have them
+    assert load_checkpoint(str(tmp_path))[0].spec == old == describe_checkpoint(str(tmp_path)).spec
+    assert not load_checkpoint("shapes-hdit")[0].spec.hdit.absolute_pos  # the bundled one predates them
 
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,16 @@ def _open(name_or_uri: str | None) -> tuple[Path, dict | None, str]:
     return path, config, config["sha256"]
 
 
+def recorded_spec(config: dict) -> ModelSpec:
+    """The `ModelSpec` a checkpoint's config.json records. `save_checkpoint` writes every field, so a
+    field missing there was added after the checkpoint was made: it takes the value that matches the
+    weights (HDiTSpec.absolute_pos: false), not today's default."""
+    model = config["model"]
+    if isinstance(model.get("hdit"), dict) and "absolute_pos" not in model["hdit"]:
+        model = {**model, "hdit": {**model["hdit"], "absolute_pos": False}}
+    return ModelSpec.model_validate(model)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A model as planning work for it needs it: its spec, its digest, the multiple that image
@@ -180,7 +190,7 @@ def describe_checkpoint(name_or_uri: str | None = None) -> ModelInfo:
 
         spec, multiple = describe(path)
         return ModelInfo(spec, digest, multiple, "diffusers")
-    spec = ModelSpec.model_validate(config["model"])
+    spec = recorded_spec(config)
     return ModelInfo(spec, digest, spec.downsampling, "socarrat")
 
 
@@ -197,7 +207,7 @@ def load_checkpoint(name_or_uri: str | None = None, device: str | torch.device =
 
         model = DiffusersModel.load(path)
         return model.to(device), {"model": model.spec.model_dump(mode="json"), "sha256": digest}
-    model = build_model(ModelSpec.model_validate(config["model"]))
+    model = build_model(recorded_spec(config))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / WEIGHTS)).items()}
     try:
         model.load_state_dict(state)

@@ -92,9 +92,10 @@ class HDiTSpec(_Spec):
     qk_norm: bool = Field(False, description="cosine-similarity attention, as in the reference HDiT (QK-norm: "
                           "logits are cosine similarities times a learned per-head scale, bounded whatever the "
                           "weights do); off by default: on the CPU it scored lower after 1,000 steps (BENCHMARKS.md)")
-    absolute_pos: bool = Field(False, description="add Fourier features of each token's place in the image "
+    absolute_pos: bool = Field(True, description="add Fourier features of each token's place in the image "
                                "(-1..1 across it, at any size) to the ingress tokens: RoPE alone tells a token only "
-                               "where others are, not whether it lies on the left or at the top")
+                               "where others are, and an HDiT without them did not learn 'at the top' (BENCHMARKS.md); "
+                               "false in checkpoints made before they existed")
 
     @property
     def downsampling(self) -> int:

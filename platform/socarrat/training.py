@@ -24,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from socarrat import storage
-from socarrat.checkpoint import CONFIG, WEIGHTS_DTYPE, describe_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from socarrat.checkpoint import (CONFIG, WEIGHTS_DTYPE, describe_checkpoint, latest_checkpoint, load_checkpoint,
+                                 recorded_spec, save_checkpoint)
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
 from socarrat.models import GaussianModel, TokenModel, build_model
@@ -219,7 +220,7 @@ def resume_point(cfg: TrainConfig) -> tuple[int, str, dict] | None:
     without their train_state.pt (weights copied there, say)."""
     if found := latest_checkpoint(cfg.out):
         recorded = json.loads(storage.read_bytes(storage.join(found[1], CONFIG)))
-        saved = ModelSpec.model_validate(recorded["model"])
+        saved = recorded_spec(recorded)
         if saved != cfg.model:
             raise UserError(f"cannot resume from {found[1]}: its model spec differs from the requested one "
                             f"({spec_difference(saved, cfg.model)})")
