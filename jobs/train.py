@@ -19,6 +19,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from socarrat import storage
+from socarrat.checkpoint import bundled_models, recorded_model_fields
 from socarrat.cli import check_at_least, one_line, with_default
 from socarrat.config import ModelSpec
 from socarrat.errors import UserError
@@ -45,7 +46,9 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     its own, where they would name other folders (the shards or a local text encoder not found,
     checkpoints written into the Ray session and lost). A bundled model's name stays a name."""
     paths = {"shards": cfg.shards, "out": cfg.out}
-    paths |= {name: uri for name in ("init", "init_text") if (uri := getattr(cfg, name)) and Path(uri).exists()}
+    bundled = bundled_models()  # a bundled model's name is loaded as that model, whatever folders are here
+    paths |= {name: uri for name in ("init", "init_text")
+              if (uri := getattr(cfg, name)) and uri not in bundled and Path(uri).exists()}
     update: dict[str, object] = {name: storage.absolute(uri) for name, uri in paths.items()}
     text = cfg.model.text
     if text.kind == "hf" and text.path and "://" not in text.path:
@@ -88,9 +91,11 @@ def _model_spec(text: str | None, **overrides: object) -> ModelSpec:
             data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"--model-spec {text[:80]!r}: not valid JSON ({err})") from None
-        data = data.get("model", data) if isinstance(data, dict) else data  # a checkpoint's config.json works too
+        saved = isinstance(data, dict) and "model" in data  # a checkpoint's config.json works too
+        data = data["model"] if saved else data
         if not isinstance(data, dict):
             raise UserError(f"--model-spec {text[:80]!r}: not a JSON object of ModelSpec fields")
+        data = recorded_model_fields(data) if saved else data  # as its weights were made
     data |= {k: v for k, v in overrides.items() if v is not None}
     return ModelSpec.model_validate(data)
 

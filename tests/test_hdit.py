@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import _randomise as randomised  # re-draws zero-initialised weights: every path is live
 from test_training import fixed_loss  # the objective on one fixed 32 px batch
 
+from jobs.train import _model_spec
 from socarrat.checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from socarrat.cli import main as cli
 from socarrat.config import HDiTSpec, ModelSpec, SamplerSpec
@@ -176,6 +177,8 @@ def test_checkpoints_made_before_place_features_load_without_them(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert HDiTSpec().absolute_pos  # new models have them
     assert load_checkpoint(str(tmp_path))[0].spec == old == describe_checkpoint(str(tmp_path)).spec
+    assert _model_spec(str(tmp_path / "config.json")) == old  # jobs.train --model-spec CHECKPOINT/config.json
+    assert _model_spec(json.dumps(config["model"])).hdit.absolute_pos  # a spec of its own: today's defaults
     assert not load_checkpoint("shapes-hdit")[0].spec.hdit.absolute_pos  # the bundled one predates them
 
 

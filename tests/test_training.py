@@ -280,6 +280,7 @@ def test_ray_train_workers_get_absolute_local_paths_and_names_stay_names(tmp_pat
     cfg = absolute_paths(config("shards", "s3://b/run", model=spec, init="start"))
     assert (cfg.shards, cfg.out, cfg.init) == (str(tmp_path / "shards"), "s3://b/run", str(tmp_path / "start"))
     assert cfg.model.text.path == str(tmp_path / "clip")  # a local text encoder, as --model-spec named it
+    (tmp_path / "shapes-gaussian").mkdir()  # a folder named as a bundled model does not hide it
     assert absolute_paths(config("shards", "out", init_text="shapes-gaussian")).init_text == "shapes-gaussian"
 
 

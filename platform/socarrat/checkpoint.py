@@ -158,14 +158,18 @@ def _open(name_or_uri: str | None) -> tuple[Path, dict | None, str]:
     return path, config, config["sha256"]
 
 
-def recorded_spec(config: dict) -> ModelSpec:
-    """The `ModelSpec` a checkpoint's config.json records. `save_checkpoint` writes every field, so a
-    field missing there was added after the checkpoint was made: it takes the value that matches the
-    weights (HDiTSpec.absolute_pos: false), not today's default."""
-    model = config["model"]
+def recorded_model_fields(model: dict) -> dict:
+    """The `model` of a checkpoint's config.json with the fields added since it was written filled in
+    with the values that match its weights (HDiTSpec.absolute_pos: false), not today's defaults:
+    `save_checkpoint` writes every field, so a missing one is younger than the checkpoint."""
     if isinstance(model.get("hdit"), dict) and "absolute_pos" not in model["hdit"]:
         model = {**model, "hdit": {**model["hdit"], "absolute_pos": False}}
-    return ModelSpec.model_validate(model)
+    return model
+
+
+def recorded_spec(config: dict) -> ModelSpec:
+    """The `ModelSpec` a checkpoint's config.json records (see `recorded_model_fields`)."""
+    return ModelSpec.model_validate(recorded_model_fields(config["model"]))
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ _OTHER_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 _SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
 # Schedulers of distilled few-step models (LCM, LCM-LoRA merged, TCD), whose UNets DDIM/DDPM sample badly.
+# Only checkpoints saved with these schedulers are recognised: a Turbo or Lightning UNet saved with a
+# DDIM or Euler config is not.
 _FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
 # (beta_start, beta_end) of Socarrat's schedule at T train timesteps (its linear one is rescaled to T).
 _BETAS = {"scaled_linear": lambda T: (0.00085, 0.012), "linear": lambda T: (0.1 / T, 20 / T)}
