@@ -9,7 +9,7 @@ the growth of each cost from one size to the next: the side doubles, so 4x is li
 
 - unet: the bundled shapes-gaussian architecture (global attention at 1/4 of the side);
 - hdit: the default HDiTSpec, sized for 32 px (patch 2, two levels: global attention at 1/4 of the
-  side), what `shapes-hdit` trains;
+  side), `shapes-hdit`'s architecture (which has no place features: `hdit.absolute_pos` false);
 - hdit-4lv: patch 4 and four levels, global attention only at 1/32 of the side (the paper's layout
   for large images), about the UNet's parameter count;
 - hdit-4lv-global: hdit-4lv with global attention at every level, the quadratic reference.
