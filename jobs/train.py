@@ -51,7 +51,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
               if (uri := getattr(cfg, name)) and uri not in bundled and Path(uri).exists()}
     update: dict[str, object] = {name: storage.absolute(uri) for name, uri in paths.items()}
     text = cfg.model.text
-    if text.kind == "hf" and text.path and "://" not in text.path:
+    if text.kind == "hf" and text.path:
         update["model"] = cfg.model.model_copy(update={"text": text.model_copy(update={"path": storage.absolute(text.path)})})
     return cfg.model_copy(update=update)
 

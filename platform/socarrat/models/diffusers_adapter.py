@@ -6,13 +6,13 @@ Gaussian-family model whose `encode` is the CLIP text encoder's hidden states, w
 the UNet's eps or v prediction and whose `decode` is the VAE decoder. Socarrat's own samplers run it.
 
 The scheduler config is read for what the model was trained with (prediction type, betas, train
-timesteps); how to sample (solver, steps, spacing) is the `SamplerSpec`'s, so the config's
-scheduler class (but for the few-step ones below), `timestep_spacing`, `steps_offset`, `set_alpha_to_one` and `variance_type` are not
-used. Nor is `clip_sample`: latents are not bounded to [-1, 1], and diffusers' StableDiffusionPipeline
-turns it off too (configs saved from a default DDIM or DDPM scheduler carry it on).
-What the samplers cannot reproduce (trained betas, thresholding, zero-terminal-SNR rescaling, the
-LCM and TCD schedulers of consistency-distilled models, SDXL's second text encoder, UNets that need
-added conditioning) is refused with a UserError.
+timesteps); how to sample (solver, steps, spacing) is the `SamplerSpec`'s, so the config's scheduler
+class (but for the few-step ones below), `timestep_spacing`, `steps_offset`, `set_alpha_to_one` and
+`variance_type` are not used. Nor is `clip_sample`: latents are not bounded to [-1, 1], and
+diffusers' StableDiffusionPipeline turns it off too (configs saved from a default DDIM or DDPM
+scheduler carry it on). What the samplers cannot reproduce (trained betas, thresholding,
+zero-terminal-SNR rescaling, the LCM and TCD schedulers of consistency-distilled models, SDXL's
+second text encoder, UNets that need added conditioning) is refused with a UserError.
 
 Imports diffusers only when a checkpoint is loaded (the `diffusers` extra); no storage, no Ray.
 `socarrat.checkpoint` finds the directory (downloading an s3:// prefix) and computes the digest.

@@ -4,12 +4,12 @@ A pixel-space transformer whose cost grows about linearly with the pixel count: 
 into `patch_size` x `patch_size` patches, each level after the first halves the token map (token
 merge) and the way up doubles it again (token split, merged with the skip by a learned lerp).
 Self-attention is local (shifted windows) at every level but the lowest, which attends globally.
-Positions enter through axial RoPE (and, with `HDiTSpec.absolute_pos`, as features of each
-token's place in the image at the ingress: RoPE alone gives offsets only); the timestep and the
-pooled prompt drive every AdaRMSNorm through a mapping network; the prompt's tokens are read by
-cross-attention at `HDiTSpec.cross_attention_levels`. Same call as the UNet: `forward(x (B, C, H, W), t (B,), text)`
--> (B, C, H, W), eps or v per `ModelSpec.prediction`, for any H, W that are multiples of
-`HDiTSpec.downsampling`.
+Positions enter through axial RoPE (and, with `HDiTSpec.absolute_pos`, as features of each token's
+place in the image at the ingress: RoPE alone gives offsets only); the timestep and the pooled
+prompt drive every AdaRMSNorm through a mapping network; the prompt's tokens are read by
+cross-attention at `HDiTSpec.cross_attention_levels`. Same call as the UNet:
+`forward(x (B, C, H, W), t (B,), text)` -> (B, C, H, W), eps or v per `ModelSpec.prediction`, for
+any H, W that are multiples of `HDiTSpec.downsampling`.
 
 Plain PyTorch: windows are batched into `scaled_dot_product_attention` (no NATTEN). Depends on
 torch, the config types, the text encoding and the UNet's timestep embedding.
@@ -52,19 +52,23 @@ def rope_angles(h: int, w: int, stride: int, head_dim: int, device: torch.device
     column. Positions are token centres in level-0 token units (`stride` = 2**level), so a merged
     token sits where the four it replaces sat, and windows see the same offsets at any image size."""
     freqs = ROPE_BASE ** -(torch.arange(head_dim // 4, device=device) / (head_dim // 4))
-    rows = (torch.arange(h, device=device) + 0.5) * stride
-    cols = (torch.arange(w, device=device) + 0.5) * stride
-    return torch.cat([(rows[:, None, None] * freqs).expand(h, w, -1), (cols[None, :, None] * freqs).expand(h, w, -1)], -1)
+    centres = lambda n: (torch.arange(n, device=device) + 0.5) * stride
+    return axial_angles(centres(h), centres(w), freqs)
 
 
 def place_features(h: int, w: int, device: torch.device) -> torch.Tensor:
     """(h, w, 4 * ABS_FREQS) sines and cosines of each token centre's place in the image, scaled to
     [-1, 1] along each side, so "left" or "top" reads the same at any size."""
     freqs = torch.pi * 2.0 ** torch.arange(ABS_FREQS, device=device)
-    rows = ((torch.arange(h, device=device) + 0.5) / h * 2 - 1)[:, None, None] * freqs
-    cols = ((torch.arange(w, device=device) + 0.5) / w * 2 - 1)[None, :, None] * freqs
-    angles = torch.cat([rows.expand(h, w, -1), cols.expand(h, w, -1)], -1)
+    places = lambda n: (torch.arange(n, device=device) + 0.5) / n * 2 - 1  # token centres, -1..1 across
+    angles = axial_angles(places(h), places(w), freqs)
     return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def axial_angles(rows: torch.Tensor, cols: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """(h, w, 2F) angles of an (h, w) grid: row position x F frequencies, then column position x F."""
+    h, w = len(rows), len(cols)
+    return torch.cat([(rows[:, None, None] * freqs).expand(h, w, -1), (cols[None, :, None] * freqs).expand(h, w, -1)], -1)
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
